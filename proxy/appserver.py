@@ -1,0 +1,229 @@
+"""The app-server subprocess: spawn it in its own process group with a parent-death signal,
+split its stdout into lines, tee its stderr into the broker log while keeping a tail, write
+to its stdin, and stop it with escalation (close stdin, SIGTERM, SIGKILL; the whole group).
+
+Reading is a SubprocessProtocol rather than a StreamReader: every chunk is split and handed
+to the hub synchronously, so a burst of notifications costs no await per line."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+log = logging.getLogger("codex_broker.proxy")
+
+PR_SET_PDEATHSIG = 1
+STDERR_TAIL_LINES = 40
+
+try:
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _libc = None
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the broker (Linux), even by SIGKILL."""
+    prctl = getattr(_libc, "prctl", None)
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent_pid:  # the broker died before prctl took effect
+                os._exit(1)
+
+    return setup
+
+
+class LineSplitter:
+    """Splits a byte stream into lines; a line longer than ``max_line`` is dropped whole."""
+
+    def __init__(self, on_line: Callable[[bytes], None], on_oversized: Callable[[int], None], max_line: int):
+        self._on_line = on_line
+        self._on_oversized = on_oversized
+        self._max = max_line
+        self._buf = bytearray()
+        self._skipping = 0  # > 0: inside an oversized line, bytes dropped so far
+
+    def feed(self, data: bytes) -> None:
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                self._skipping += len(data)
+                return
+            self._on_oversized(self._skipping + end)
+            self._skipping = 0
+            data = data[end + 1:]
+        end = data.find(b"\n")
+        if end < 0:
+            self._buf += data
+            self._check_overflow()
+            return
+        if self._buf:
+            self._buf += data[:end]
+            first = bytes(self._buf)
+            self._buf.clear()
+        else:
+            first = data[:end]
+        lines = data[end + 1:].split(b"\n")
+        self._buf += lines.pop()
+        self._emit(first)
+        for line in lines:
+            self._emit(line)
+        self._check_overflow()
+
+    def _emit(self, line: bytes) -> None:
+        if len(line) > self._max:
+            self._on_oversized(len(line))
+        elif line.strip():
+            self._on_line(line)
+
+    def _check_overflow(self) -> None:
+        if len(self._buf) > self._max:
+            self._skipping = len(self._buf)
+            self._buf.clear()
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    def __init__(self, child: AppServerProcess):
+        self.child = child
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.child._stdout.feed(data)
+        else:
+            self.child._on_stderr(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self.child._stdout_closed.set()
+
+    def process_exited(self) -> None:
+        self.child._exited.set()
+
+
+class AppServerProcess:
+    """One app-server child. ``on_line`` gets each stdout line (bytes, no newline)."""
+
+    def __init__(self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None,
+                 on_line: Callable[[bytes], None], max_line: int):
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.env = env
+        self._stdout = LineSplitter(on_line, self._on_oversized, max_line)
+        self._stderr_buf = bytearray()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._stdout_closed = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self.pid: int | None = None
+        self.stdin_closed = False
+
+    async def start(self) -> None:
+        """Spawns the child. FileNotFoundError / PermissionError when the command cannot run."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.subprocess_exec(
+            lambda: _Protocol(self), *self.argv, cwd=self.cwd, env=self.env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, preexec_fn=_child_setup(os.getpid()))
+        self._transport = transport
+        self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
+        self.pid = transport.get_pid()
+
+    # -- output of the child -------------------------------------------------------------
+    def _on_oversized(self, size: int) -> None:
+        log.warning("app-server line skipped: %d bytes exceeds the line limit", size)
+
+    def _on_stderr(self, data: bytes) -> None:
+        self._stderr_buf += data
+        *lines, rest = self._stderr_buf.split(b"\n")
+        self._stderr_buf = bytearray(rest[-65536:])
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                sys.stderr.write(f"app-server: {line}\n")
+        if lines:
+            sys.stderr.flush()
+
+    # -- input to the child --------------------------------------------------------------
+    def write_buffer_size(self) -> int:
+        return self._stdin.get_write_buffer_size() if self._stdin else 0
+
+    def send(self, text: str) -> None:
+        if self._stdin is None or self.stdin_closed:
+            raise BrokenPipeError("app-server stdin is closed")
+        self._stdin.write(text.encode() + b"\n")
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._transport is not None and not self._exited.is_set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode() if self._transport else None
+
+    def describe_exit(self) -> str:
+        code = self.returncode
+        if code is None:
+            status = "is still running"
+        elif code < 0:
+            try:
+                status = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                status = f"was killed by signal {-code}"
+        else:
+            status = f"exited with status {code}"
+        tail = " | ".join(list(self.stderr_tail)[-5:])
+        return f"app-server {status}" + (f"; stderr: {tail}" if tail else "")
+
+    async def wait_gone(self) -> int | None:
+        """Waits until the child has exited and its stdout is fully read."""
+        await self._exited.wait()
+        await self._stdout_closed.wait()
+        return self.returncode
+
+    # -- stopping ------------------------------------------------------------------------
+    def close_stdin(self) -> None:
+        if self._stdin is not None and not self.stdin_closed:
+            self.stdin_closed = True
+            self._stdin.close()
+
+    def signal_group(self, sig: int) -> None:
+        """Signals the child's whole process group (it leads its own session)."""
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, *, polite_wait: float = 2.0, term_wait: float = 2.0) -> int | None:
+        """Close stdin, wait; SIGTERM the group, wait; SIGKILL the group; always reap."""
+        if self._transport is None:
+            return None
+        self.close_stdin()
+        for sig, wait in ((signal.SIGTERM, polite_wait), (signal.SIGKILL, term_wait)):
+            try:
+                await asyncio.wait_for(self._exited.wait(), wait)
+                break
+            except TimeoutError:
+                log.warning("app-server did not exit; sending %s to its process group", signal.Signals(sig).name)
+                self.signal_group(sig)
+        else:
+            await self._exited.wait()
+        # Whatever the group still holds (a native server behind a launcher) goes too.
+        self.signal_group(signal.SIGKILL)
+        try:
+            await asyncio.wait_for(self._stdout_closed.wait(), 1.0)
+        except TimeoutError:
+            pass
+        self._transport.close()
+        return self.returncode

@@ -1,0 +1,421 @@
+"""The broker process: start the app-server, listen, serve, drain, stop.
+
+Start returns when ready: the app-server is spawned and initialized before the socket exists,
+so a client that can connect finds a broker that can serve. Stopping is one sequence whatever
+asked for it (drain completed, deadline, idle, signal, app-server death): end Sessions
+cleanly, stop the app-server's whole process group with escalation, stop gRPC with no grace
+(an open health Watch would otherwise hold it), remove the socket, pid file and directory."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import broker_pb2, broker_pb2_grpc
+from proxy import __version__, jsonrpc
+from proxy.appserver import AppServerProcess
+from proxy.health import HealthMonitor
+from proxy.hub import CALL, AppServerGone, Hub
+from proxy.service import AppServerService, BrokerService, status_message
+from proxy.session import Ending
+
+log = logging.getLogger("codex_broker.proxy")
+
+MAX_SOCKET_PATH = 107
+INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their turn/completed
+FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
+SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
+S = broker_pb2
+
+
+class ConfigError(Exception):
+    """Bad input to `serve`: reported as one line, exit code 2."""
+
+
+@dataclass
+class ServeConfig:
+    endpoint: str
+    app_server: list[str]
+    cwd: str = field(default_factory=os.getcwd)
+    pid_file: str | None = None
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    probe_method: str = "thread/loaded/list"
+    probe_interval: float = 1.0
+    probe_timeout: float = 3.0
+    drain_deadline: float = 3600.0
+    idle_timeout: float = 1800.0
+    start_timeout: float = 60.0
+    session_buffer_bytes: int = 8 << 20
+    max_message_bytes: int = 64 << 20
+    max_line_bytes: int = 256 << 20
+    codex_home: str = field(default_factory=lambda: os.path.realpath(
+        os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")))
+
+    @property
+    def socket_path(self) -> str:
+        return parse_endpoint(self.endpoint)
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """The absolute socket path of a ``unix:PATH`` (or ``unix://ABSPATH``) endpoint."""
+    if not endpoint.startswith("unix:"):
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH")
+    path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint[len("unix:"):]
+    if not path:
+        raise ConfigError(f"bad endpoint {endpoint!r}: empty socket path")
+    path = os.path.abspath(path)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(f"socket path too long ({len(path.encode())} bytes, limit {MAX_SOCKET_PATH}): {path}")
+    return path
+
+
+class Broker:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.version = __version__
+        self.state = S.BROKER_STATE_STARTING
+        self.started_at = time.time()
+        self._mono0 = time.monotonic()
+        self.hub = Hub(send=self._send, stdin_backlog=self._stdin_backlog,
+                       session_buffer_bytes=config.session_buffer_bytes, on_change=self._changed)
+        self.app: AppServerProcess | None = None
+        self.app_server_create_time_ms = 0
+        self.health = HealthMonitor(self.hub, interval=config.probe_interval, hang_after=config.probe_timeout,
+                                    method=config.probe_method, accepting=lambda: self.accepting,
+                                    app_alive=lambda: self.app is not None and self.app.alive)
+        self.server: grpc.aio.Server | None = None
+        self.drain_reason = ""
+        self._drain_deadline: float | None = None  # monotonic
+        self._force = False
+        self._change = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._created_dir: str | None = None
+        self._idle_since: float | None = None
+        self._signals = 0
+
+    # -- small facts ---------------------------------------------------------------------
+    @property
+    def state_name(self) -> str:
+        return S.BrokerState.Name(self.state).removeprefix("BROKER_STATE_")
+
+    @property
+    def accepting(self) -> bool:
+        return self.state == S.BROKER_STATE_SERVING
+
+    @property
+    def drain_deadline_unix(self) -> float:
+        return self.wall_time(self._drain_deadline) if self._drain_deadline is not None else 0.0
+
+    def wall_time(self, monotonic: float) -> float:
+        return self.started_at + (monotonic - self._mono0)
+
+    def status(self) -> broker_pb2.BrokerStatus:
+        return status_message(self)
+
+    def _send(self, text: str) -> None:
+        assert self.app is not None
+        self.app.send(text)
+
+    def _stdin_backlog(self) -> int:
+        return self.app.write_buffer_size() if self.app else 0
+
+    def _changed(self) -> None:
+        self._change.set()
+        if self.hub.sessions or self.hub.in_flight:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = time.monotonic()
+
+    # -- the whole life ------------------------------------------------------------------
+    async def run(self) -> int:
+        """Serves until stopped; returns the exit code. ConfigError for bad input."""
+        self._prepare_paths()
+        try:
+            await self._start_app_server()
+            await self._listen()
+        except BaseException:
+            if self.app is not None:
+                await self.app.stop(polite_wait=0.5, term_wait=1.0)
+            self._remove_files()
+            raise
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.state = S.BROKER_STATE_SERVING
+        self._idle_since = time.monotonic()
+        self._tasks = [asyncio.create_task(self.health.run(), name="health"),
+                       asyncio.create_task(self._watch_app_server(), name="app-server"),
+                       asyncio.create_task(self._idle_loop(), name="idle")]
+        await self.health.publish()
+        log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
+                 self.app.pid if self.app else None, self.config.instance_id)
+        await self._stop.wait()
+        await self._shutdown()
+        return self._exit_code
+
+    def _prepare_paths(self) -> None:
+        sock = self.config.socket_path
+        directory = os.path.dirname(sock)
+        if os.path.lexists(sock):
+            raise ConfigError(f"socket path is already in use: {sock} (another broker may be serving it)")
+        try:
+            os.mkdir(directory, 0o700)
+            self._created_dir = directory
+        except FileExistsError:
+            st = os.stat(directory)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"not a directory: {directory}") from None
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise ConfigError(f"unsafe socket directory {directory}: it must be owned by you and closed to "
+                                  f"group and others (mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})"
+                                  ) from None
+        except FileNotFoundError:
+            raise ConfigError(f"parent directory of the socket does not exist: {os.path.dirname(directory)}"
+                              ) from None
+        except PermissionError as exc:
+            raise ConfigError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        if self.config.pid_file and os.path.lexists(self.config.pid_file):
+            pid = _read_pid(self.config.pid_file)
+            if pid is not None and psutil.pid_exists(pid) and pid != os.getpid():
+                self._remove_files()
+                raise ConfigError(f"pid file {self.config.pid_file} names a running process ({pid})")
+
+    async def _start_app_server(self) -> None:
+        cfg = self.config
+        self.app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_line=self.hub.from_app_server,
+                                    max_line=cfg.max_line_bytes)
+        try:
+            await self.app.start()
+        except FileNotFoundError:
+            self.app = None
+            raise ConfigError(f"app-server command not found: {cfg.app_server[0]}") from None
+        except PermissionError:
+            self.app = None
+            raise ConfigError(f"app-server command is not executable: {cfg.app_server[0]}") from None
+        except NotADirectoryError:
+            self.app = None
+            raise ConfigError(f"--cwd is not a directory: {cfg.cwd}") from None
+        try:
+            self.app_server_create_time_ms = int(psutil.Process(self.app.pid).create_time() * 1000)
+        except psutil.Error:
+            pass
+        log.info("app-server started pid=%s command=%s", self.app.pid, " ".join(cfg.app_server))
+        await self._handshake()
+
+    async def _handshake(self) -> None:
+        assert self.app is not None
+        params = {"clientInfo": {"name": "codex-broker", "title": "codex-broker", "version": self.version},
+                  "capabilities": {"experimentalApi": True}}
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.hub.request(CALL, "initialize", params, future=future)
+        gone = asyncio.create_task(self.app.wait_gone())
+        try:
+            done, _ = await asyncio.wait({future, gone}, timeout=self.config.start_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future in done:
+            reply = future.result()
+            if "error" in reply:
+                raise StartError(f"app-server refused initialize: {jsonrpc.dumps(reply['error'])}")
+            self.hub.init_result = reply.get("result")
+            self.app.send(jsonrpc.dumps({"method": "initialized"}))
+            return
+        if done:
+            raise StartError(f"{self.app.describe_exit()} before answering initialize")
+        raise StartError(f"app-server did not answer initialize within {self.config.start_timeout:g} s")
+
+    async def _listen(self) -> None:
+        cfg = self.config
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", -1),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options)
+        broker_pb2_grpc.add_AppServerServicer_to_server(AppServerService(self), server)
+        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = (broker_pb2.DESCRIPTOR.services_by_name["AppServer"].full_name,
+                 broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        try:
+            server.add_insecure_port(f"unix:{cfg.socket_path}")
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.endpoint}: {exc}") from None
+        os.chmod(cfg.socket_path, 0o600)
+        await server.start()
+        self.server = server
+        if cfg.pid_file:
+            _write_pid(cfg.pid_file)
+
+    # -- events --------------------------------------------------------------------------
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name
+        if self._signals == 1:
+            self.drain(None, reason=name)
+        else:
+            log.info("second signal (%s): stopping now", name)
+            self.stop(0)
+
+    def drain(self, deadline_seconds: float | None, *, reason: str, force: bool = False) -> None:
+        """SERVING -> DRAINING. Idempotent: a later call may shorten the deadline, never extend it."""
+        if self.state == S.BROKER_STATE_STOPPING:
+            return
+        seconds = self.config.drain_deadline if deadline_seconds is None else deadline_seconds
+        deadline = time.monotonic() + (0.0 if force else seconds)
+        first = self.state != S.BROKER_STATE_DRAINING
+        if first:
+            self.state = S.BROKER_STATE_DRAINING
+            self.hub.draining = True
+            self.drain_reason = reason
+            self._drain_deadline = deadline
+            log.info("drain started (%s): deadline %.0f s, %d turns and %d requests in flight%s", reason,
+                     deadline - time.monotonic(), len(self.hub.turns), self.hub.pending_work,
+                     ", interrupting turns now" if force else "")
+            self._tasks.append(asyncio.create_task(self._drain(), name="drain"))
+            self._tasks.append(asyncio.create_task(self.health.publish(), name="publish"))
+        elif self._drain_deadline is not None and deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            log.info("drain deadline shortened to %.0f s (%s)", deadline - time.monotonic(), reason)
+        self._force = self._force or force
+        self._change.set()
+
+    async def _drain(self) -> None:
+        while self.hub.in_flight:
+            assert self._drain_deadline is not None
+            remaining = self._drain_deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._change.clear()
+            try:
+                await asyncio.wait_for(self._change.wait(), remaining)
+            except TimeoutError:
+                pass
+        if self.hub.turns:
+            log.info("drain deadline reached: interrupting %d turns", len(self.hub.turns))
+            self._interrupt_turns()
+            await self._wait_until(lambda: not self.hub.turns, INTERRUPT_GRACE)
+        await self._wait_until(lambda: not self.hub.in_flight, FORCE_GRACE)
+        log.info("drain complete")
+        self.stop(0)
+
+    def _interrupt_turns(self) -> None:
+        for turn in list(self.hub.turns.values()):
+            try:
+                self.hub.request("internal", "turn/interrupt", {"threadId": turn.thread_id, "turnId": turn.turn_id})
+            except AppServerGone:
+                return
+
+    async def _wait_until(self, done: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._change.clear()
+            try:
+                await asyncio.wait_for(self._change.wait(), remaining)
+            except TimeoutError:
+                pass
+        return True
+
+    async def _idle_loop(self) -> None:
+        timeout = self.config.idle_timeout
+        if timeout <= 0:
+            return
+        while self.state == S.BROKER_STATE_SERVING:
+            since = self._idle_since
+            if since is not None and time.monotonic() - since >= timeout:
+                log.info("idle for %.0f s with no Sessions and no work: stopping", timeout)
+                self.stop(0)
+                return
+            wait = timeout if since is None else since + timeout - time.monotonic()
+            await asyncio.sleep(min(max(wait, 0.05), 1.0))
+
+    async def _watch_app_server(self) -> None:
+        assert self.app is not None
+        await self.app.wait_gone()
+        if self.state == S.BROKER_STATE_STOPPING:
+            return
+        why = self.app.describe_exit()
+        log.error("%s; failing %d pending requests and stopping", why, self.hub.pending_work)
+        self.hub.app_server_gone(why)
+        await self.health.publish()
+        self.stop(1)
+
+    def stop(self, code: int) -> None:
+        if not self._stop.is_set():
+            self._exit_code = code
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self.state = S.BROKER_STATE_STOPPING
+        log.info("stopping: %d sessions open, %d turns in flight", len(self.hub.sessions), len(self.hub.turns))
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self.health.publish()
+        handlers = [s.handler for s in self.hub.sessions.values() if s.handler is not None]
+        for session in list(self.hub.sessions.values()):
+            session.end(Ending())
+        if handlers:
+            await asyncio.wait(handlers, timeout=SESSION_FLUSH)
+        if self.app is not None:
+            code = await self.app.stop()
+            log.info("app-server stopped (%s)", self.app.describe_exit() if code is not None else "no status")
+        await self.health.servicer.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(None)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._remove_files()
+        log.info("stopped exit_code=%d", self._exit_code)
+
+    def _remove_files(self) -> None:
+        cfg = self.config
+        for path in (cfg.socket_path, cfg.pid_file):
+            if path and os.path.lexists(path):
+                if path == cfg.pid_file and _read_pid(path) not in (os.getpid(), None):
+                    continue  # not ours
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if self._created_dir is not None:
+            try:
+                os.rmdir(self._created_dir)
+            except OSError:
+                pass
+
+
+class StartError(Exception):
+    """The app-server could not be started or initialized: exit code 1."""
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_pid(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)

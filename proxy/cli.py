@@ -1,0 +1,120 @@
+"""``codex-broker serve`` (also ``python -m proxy serve``): run one broker in the foreground.
+
+Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died or could not be
+initialized, 2 bad input (missing app-server binary, bad endpoint, occupied path)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import time
+
+DEFAULT_APP_SERVER = "codex app-server"
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z codex-broker[{os.getpid()}] {record.levelname} {record.getMessage()}"
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    for name in ("codex_broker.proxy", "codex_broker.lifecycle"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def app_server_command(flag: str | None) -> list[str]:
+    """--app-server, else CODEX_BROKER_APP_SERVER, else `codex app-server`; split shell-style."""
+    text = flag if flag is not None else os.environ.get("CODEX_BROKER_APP_SERVER") or DEFAULT_APP_SERVER
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise SystemExit(f"codex-broker serve: bad app-server command {text!r}: {exc}") from None
+    if not argv:
+        raise SystemExit("codex-broker serve: empty app-server command")
+    return argv
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True, help="where to listen: unix:PATH (a fresh directory is created 0700)")
+    p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
+    p.add_argument("--app-server", default=None,
+                   help="app-server command, split shell-style (default: $CODEX_BROKER_APP_SERVER or "
+                        f"'{DEFAULT_APP_SERVER}')")
+    p.add_argument("--pid-file", default=None, help="write the broker's pid here; removed on exit")
+    p.add_argument("--instance-id", default=None, help="identity reported by Status (default: a new uuid)")
+    p.add_argument("--probe-method", default="thread/loaded/list", help="read-only request used as health probe")
+    p.add_argument("--probe-interval", type=_positive, default=1.0, metavar="S",
+                   help="probe when nothing answered for this long (default 1)")
+    p.add_argument("--probe-timeout", type=_positive, default=3.0, metavar="S",
+                   help="unanswered this long = wedged, NOT_SERVING (default 3)")
+    p.add_argument("--drain-deadline", type=_positive, default=3600.0, metavar="S",
+                   help="default drain deadline before turns are interrupted (default 3600)")
+    p.add_argument("--idle-timeout", type=_positive, default=1800.0, metavar="S",
+                   help="exit after this long with no Sessions and no work; 0 = never (default 1800)")
+    p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
+                   help="a Session further behind than this is dropped (default 8 MiB)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from proxy.broker import Broker, ConfigError, ServeConfig, StartError
+
+    setup_logging()
+    log = logging.getLogger("codex_broker.proxy")
+    cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
+    if not os.path.isdir(cwd):
+        print(f"codex-broker serve: --cwd is not a directory: {cwd}", file=sys.stderr)
+        return 2
+    try:
+        config = ServeConfig(endpoint=args.endpoint, app_server=app_server_command(args.app_server), cwd=cwd,
+                             pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
+                             probe_method=args.probe_method, probe_interval=args.probe_interval,
+                             probe_timeout=args.probe_timeout, drain_deadline=args.drain_deadline,
+                             idle_timeout=args.idle_timeout, session_buffer_bytes=args.session_buffer)
+        if args.instance_id:
+            config.instance_id = args.instance_id
+        config.socket_path  # noqa: B018 - validates the endpoint before anything starts
+    except ConfigError as exc:
+        print(f"codex-broker serve: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    log.info("starting version=%s endpoint=%s cwd=%s instance=%s", _version(), config.endpoint, cwd,
+             config.instance_id)
+    try:
+        return asyncio.run(Broker(config).run())
+    except ConfigError as exc:
+        print(f"codex-broker serve: {exc}", file=sys.stderr)
+        return 2
+    except StartError as exc:
+        print(f"codex-broker serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _version() -> str:
+    from proxy import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="run a broker in the foreground"))
+    args = parser.parse_args(argv)
+    return run_serve(args)

@@ -1,0 +1,133 @@
+"""Health from a real round trip: grpc.health.v1 answers SERVING only while the app-server is
+alive, initialized, the broker accepts work, and the app-server has answered recently.
+
+When nothing has answered within the probe interval, a cheap read-only probe request goes to
+the app-server (one outstanding at a time). The app-server is wedged when a request has waited
+longer than the hang threshold and nothing at all has answered for that long: a slow request
+next to a responsive server is not a hang. A Check arriving when the last proof is stale joins
+the probe and waits for it briefly, so one Check is a real client -> proxy -> app-server ->
+proxy -> client round trip; it never blocks past 0.5 s or its own deadline."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from proxy.hub import PROBE, AppServerGone, Hub, Pending
+
+log = logging.getLogger("codex_broker.proxy")
+
+SERVICES = ("", "codexbroker.v1.AppServer")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CHECK_WAIT = 0.5  # longest a Check waits for its probe
+TICK = 0.2
+
+
+class HealthMonitor:
+    def __init__(self, hub: Hub, *, interval: float, hang_after: float, method: str,
+                 accepting: Callable[[], bool], app_alive: Callable[[], bool]):
+        self.hub = hub
+        self.interval = interval
+        self.hang_after = hang_after
+        self.method = method
+        self._accepting = accepting
+        self._app_alive = app_alive
+        self._probe: asyncio.Future[None] | None = None
+        self._published: bool | None = None
+        self.last_probe_at = 0.0  # unix time
+        self.last_probe_latency = 0.0  # seconds
+        self.servicer = BrokerHealthServicer(self)
+        hub.on_probe_response = self._probe_answered
+
+    # -- the verdict ---------------------------------------------------------------------
+    def wedged(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        oldest = self.hub.oldest_pending()
+        return (oldest is not None and now - oldest > self.hang_after
+                and now - self.hub.last_response > self.hang_after)
+
+    def serving(self) -> bool:
+        return (self._app_alive() and self.hub.init_result is not None and self.hub.gone is None
+                and self._accepting() and not self.wedged())
+
+    def proof_is_stale(self) -> bool:
+        return time.monotonic() - self.hub.last_response >= self.interval
+
+    # -- probing -------------------------------------------------------------------------
+    def probe(self) -> asyncio.Future[None]:
+        """The outstanding probe, started if there is none."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_future()
+            try:
+                self.hub.request(PROBE, self.method, {})
+            except AppServerGone:
+                self._probe.set_result(None)
+        return self._probe
+
+    def _probe_answered(self, pending: Pending) -> None:
+        self.last_probe_latency = time.monotonic() - pending.sent_at
+        self.last_probe_at = time.time()
+        if self._probe is not None and not self._probe.done():
+            self._probe.set_result(None)
+
+    async def publish(self) -> bool:
+        """Tells watchers the current verdict if it changed; returns it."""
+        serving = self.serving()
+        if serving != self._published:
+            if self._published is not None or serving:
+                log.info("health %s", "SERVING" if serving else "NOT_SERVING" + self._why_not())
+            self._published = serving
+            for service in SERVICES:
+                await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+        return serving
+
+    def _why_not(self) -> str:
+        if self.hub.gone is not None or not self._app_alive():
+            return " (app-server gone)"
+        if not self._accepting():
+            return " (draining)"
+        if self.wedged():
+            oldest = self.hub.oldest_pending() or time.monotonic()
+            return f" (app-server has not answered for {time.monotonic() - oldest:.1f} s)"
+        return ""
+
+    async def run(self) -> None:
+        """Probes when the last proof is stale and publishes changes, until cancelled."""
+        while True:
+            if self.proof_is_stale() and self.hub.gone is None and self._accepting():
+                self.probe()
+            await self.publish()
+            await asyncio.sleep(TICK)
+
+    async def check(self, deadline_remaining: float | None) -> bool:
+        if self.proof_is_stale() and self.hub.gone is None:
+            budget = CHECK_WAIT if deadline_remaining is None else min(CHECK_WAIT, deadline_remaining - 0.05)
+            if budget > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.probe()), budget)
+                except TimeoutError:
+                    pass
+        return await self.publish()
+
+
+class BrokerHealthServicer(HealthServicer):
+    """grpcio-health-checking's servicer, starting NOT_SERVING, whose Check is a round trip."""
+
+    def __init__(self, monitor: HealthMonitor):
+        super().__init__()
+        self._monitor = monitor
+        for service in SERVICES:
+            self._server_status[service] = NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        serving = await self._monitor.check(context.time_remaining())
+        return health_pb2.HealthCheckResponse(status=SERVING if serving else NOT_SERVING)

@@ -1,0 +1,465 @@
+"""The multiplexer: many Sessions and Calls share one app-server.
+
+All routing is synchronous and runs on the event loop, in the order lines arrive, so each
+Session sees messages in exactly the order the app-server wrote them.
+
+- Request ids are rewritten to proxy-unique integers and mapped back on the response.
+- A Session subscribes to a thread by sending a request that names it (``params.threadId``) or
+  by receiving a result that hands it one (``thread.id``, ``threadId``, ``reviewThreadId``).
+- Notifications with ``params.threadId`` go to that thread's subscribers, others to everyone;
+  each Session's ``optOutNotificationMethods`` are filtered out for it alone.
+- Server->client requests go to the thread's subscribers under one broker-local id; the first
+  answer wins, and when no one is left to answer the app-server hears an error.
+- In-flight work = requests awaiting a response + turns begun and not yet completed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proxy import jsonrpc
+from proxy.jsonrpc import dumps, error_response, thread_id_of
+from proxy.session import Ending, Session
+
+log = logging.getLogger("codex_broker.proxy")
+
+# Kinds of requests the proxy sends to the app-server.
+SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
+STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
+
+
+class AppServerGone(Exception):
+    """The app-server has exited: no request can be sent."""
+
+
+@dataclass(eq=False)
+class Pending:
+    kind: str
+    method: str
+    sent_at: float  # monotonic
+    session: Session | None = None
+    client_id: Any = None
+    thread_id: str | None = None
+    future: asyncio.Future[dict[str, Any]] | None = None
+
+
+@dataclass(eq=False)
+class Turn:
+    thread_id: str
+    turn_id: str
+    started_at: float  # unix time
+    owner: Session | None = None
+
+
+@dataclass(eq=False)
+class ServerRequest:
+    app_id: Any  # the app-server's own id
+    method: str
+    targets: set[Session] = field(default_factory=set)
+
+
+class Hub:
+    def __init__(self, *, send: Callable[[str], None], stdin_backlog: Callable[[], int],
+                 session_buffer_bytes: int, on_change: Callable[[], None]):
+        self._send_line = send
+        self._stdin_backlog = stdin_backlog
+        self._session_buffer_bytes = session_buffer_bytes
+        self._on_change = on_change  # in-flight work or Sessions changed
+        self._ids = itertools.count(1)
+        self._server_ids = itertools.count(1)
+        self.sessions: dict[str, Session] = {}
+        self.pending: dict[int, Pending] = {}
+        self.threads: dict[str, set[Session]] = {}
+        self.turns: dict[tuple[str, str], Turn] = {}
+        self.server_requests: dict[int, ServerRequest] = {}
+        self._pending_work = 0
+        self.init_result: Any = None
+        self.draining = False
+        self.gone: str | None = None  # why the app-server is gone, once it is
+        self.last_response = 0.0  # monotonic time of the last response from the app-server
+        self.on_probe_response: Callable[[Pending], None] = lambda pending: None
+
+    # -- accounting ----------------------------------------------------------------------
+    @property
+    def pending_work(self) -> int:
+        """Requests from clients (Sessions and Calls) the app-server has not answered."""
+        return self._pending_work
+
+    @property
+    def in_flight(self) -> int:
+        return self.pending_work + len(self.turns)
+
+    def oldest_pending(self) -> float | None:
+        """Monotonic send time of the oldest request the app-server has not answered."""
+        for pending in self.pending.values():
+            return pending.sent_at
+        return None
+
+    # -- sending to the app-server -------------------------------------------------------
+    def request(self, kind: str, method: str, params: Any, **fields: Any) -> int:
+        """Sends a request under a fresh proxy id and records it; returns the id."""
+        msg = {"id": 0, "method": method, "params": params if params is not None else {}}
+        return self._send_request(msg, Pending(kind, method, time.monotonic(), **fields))
+
+    def _send_request(self, msg: dict[str, Any], pending: Pending) -> int:
+        if self.gone is not None:
+            raise AppServerGone(self.gone)
+        proxy_id = next(self._ids)
+        msg["id"] = proxy_id
+        self._send_line(dumps(msg))
+        self.pending[proxy_id] = pending
+        if pending.kind in (SESSION, CALL):
+            self._pending_work += 1
+        return proxy_id
+
+    def overloaded(self) -> bool:
+        return self._stdin_backlog() > STDIN_BUFFER_LIMIT
+
+    async def call(self, method: str, params: Any) -> dict[str, Any]:
+        """One request outside any Session; returns the app-server's response message."""
+        if method == "initialize":
+            return {"id": None, "result": self.init_result}
+        if self.draining and method in jsonrpc.NEW_WORK_METHODS:
+            return {"id": None, "error": jsonrpc.DRAINING_ERROR}
+        if self.overloaded():
+            return {"id": None, "error": jsonrpc.OVERLOADED_ERROR}
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            self.request(CALL, method, params, future=future, thread_id=thread_id_of(params))
+        except AppServerGone as exc:
+            return {"id": None, "error": jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))}
+        self._on_change()
+        return await future
+
+    # -- Sessions ------------------------------------------------------------------------
+    def open_session(self) -> Session:
+        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow)
+        self.sessions[session.id] = session
+        self._on_change()
+        return session
+
+    def _overflow(self, session: Session) -> None:
+        log.warning("session %s dropped: outgoing buffer over %d bytes (client not reading)",
+                    session.id, session.limit_bytes)
+        session.end(Ending(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"Server overloaded; retry later. (this Session fell more than "
+                           f"{session.limit_bytes} bytes behind and was dropped)", flush=False))
+        self.close_session(session)
+        if session.handler is not None:
+            session.handler.cancel()
+
+    def close_session(self, session: Session) -> None:
+        """The Session is gone: drop its subscriptions, answer its server requests for it."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        session.end(Ending())
+        for thread_id in session.threads:
+            subscribers = self.threads.get(thread_id)
+            if subscribers is not None:
+                subscribers.discard(session)
+                if not subscribers:
+                    del self.threads[thread_id]
+        self._abandon_server_requests(session)
+        for turn in self.turns.values():
+            if turn.owner is session:
+                turn.owner = None
+        self._on_change()
+
+    def half_close(self, session: Session) -> None:
+        """The client is done writing: it stops counting for server requests and its Session
+        ends once its requests are answered and the turns it started have completed."""
+        session.half_closed = True
+        self._abandon_server_requests(session)
+        self._maybe_finish(session)
+
+    def _maybe_finish(self, session: Session) -> None:
+        if session.half_closed and session.finished_work and session.open:
+            session.end(Ending())
+
+    def _abandon_server_requests(self, session: Session) -> None:
+        for local_id in list(session.server_requests):
+            request = self.server_requests.get(local_id)
+            if request is None:
+                continue
+            request.targets.discard(session)
+            if not request.targets:
+                del self.server_requests[local_id]
+                self._answer_app_server(request.app_id, jsonrpc.NO_CLIENT_ERROR)
+        session.server_requests.clear()
+
+    def _subscribe(self, session: Session, thread_id: str) -> None:
+        if session.open and thread_id not in session.threads:
+            session.threads.add(thread_id)
+            self.threads.setdefault(thread_id, set()).add(session)
+
+    # -- from a client -------------------------------------------------------------------
+    def from_client(self, session: Session, text: str) -> None:
+        try:
+            msg = jsonrpc.loads(text)
+        except jsonrpc.DecodeError as exc:
+            session.push(error_response(None, jsonrpc.error(jsonrpc.PARSE_ERROR, f"Parse error: {exc}")))
+            return
+        if not isinstance(msg, dict):
+            kind = "a batch (array)" if isinstance(msg, list) else type(msg).__name__
+            session.push(error_response(None, jsonrpc.error(
+                jsonrpc.INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")))
+            return
+        method = msg.get("method")
+        if method is None and "id" in msg and ("result" in msg or "error" in msg):
+            self._client_response(session, msg)
+        elif not isinstance(method, str) or not method:
+            req_id = msg.get("id") if jsonrpc.is_request_id(msg.get("id")) else None
+            session.push(error_response(req_id, jsonrpc.error(
+                jsonrpc.INVALID_REQUEST, "Invalid request: missing or non-string method")))
+        elif "id" not in msg:
+            self._client_notification(session, method, text)
+        elif not jsonrpc.is_request_id(msg["id"]):
+            session.push(error_response(None, jsonrpc.error(
+                jsonrpc.INVALID_REQUEST, "Invalid request: id must be a string or an integer")))
+        else:
+            self._client_request(session, msg, method)
+
+    def _client_notification(self, session: Session, method: str, text: str) -> None:
+        if method == "initialized":
+            return  # the broker initialized the app-server once, at start
+        if self.gone is None:
+            self._send_line(text)
+
+    def _client_request(self, session: Session, msg: dict[str, Any], method: str) -> None:
+        client_id = msg["id"]
+        params = msg.get("params")
+        if method == "initialize":
+            self._initialize(session, client_id, params)
+            return
+        thread_id = thread_id_of(params)
+        if thread_id is not None:
+            self._subscribe(session, thread_id)  # even if the request fails
+        if self.draining and method in jsonrpc.NEW_WORK_METHODS:
+            session.push(error_response(client_id, jsonrpc.DRAINING_ERROR))
+            return
+        if self.overloaded():
+            session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))
+            return
+        pending = Pending(SESSION, method, time.monotonic(), session=session, client_id=client_id,
+                          thread_id=thread_id)
+        try:
+            proxy_id = self._send_request(msg, pending)
+        except AppServerGone as exc:
+            session.push(error_response(client_id, jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))))
+            return
+        session.pending.add(proxy_id)
+        if method in jsonrpc.TURN_STARTING_METHODS and thread_id is not None:
+            session.starting[thread_id] += 1
+        self._on_change()
+
+    def _initialize(self, session: Session, client_id: Any, params: Any) -> None:
+        if session.initialized:
+            session.push(error_response(client_id, jsonrpc.ALREADY_INITIALIZED_ERROR))
+            return
+        session.initialized = True
+        if isinstance(params, dict):
+            info = params.get("clientInfo")
+            if isinstance(info, dict) and isinstance(info.get("name"), str):
+                session.client_name = info["name"]
+            caps = params.get("capabilities")
+            if isinstance(caps, dict) and isinstance(caps.get("optOutNotificationMethods"), list):
+                session.opt_out = frozenset(m for m in caps["optOutNotificationMethods"] if isinstance(m, str))
+        session.push(dumps({"id": client_id, "result": self.init_result}))
+
+    def _client_response(self, session: Session, msg: dict[str, Any]) -> None:
+        local_id = msg["id"]
+        request = self.server_requests.get(local_id) if jsonrpc.is_request_id(local_id) else None
+        if request is None or session not in request.targets:
+            log.info("session %s: late or unknown answer to server request %r dropped", session.id, local_id)
+            return
+        del self.server_requests[local_id]
+        for target in request.targets:
+            target.server_requests.discard(local_id)
+        msg["id"] = request.app_id
+        if self.gone is None:
+            self._send_line(dumps(msg))
+
+    def _answer_app_server(self, app_id: Any, error: dict[str, Any]) -> None:
+        if self.gone is None:
+            self._send_line(error_response(app_id, error))
+
+    # -- from the app-server -------------------------------------------------------------
+    def from_app_server(self, line: bytes) -> None:
+        try:
+            msg = jsonrpc.loads(line)
+        except jsonrpc.DecodeError as exc:
+            self._bad_line(line, f"not JSON ({exc})")
+            return
+        if not isinstance(msg, dict):
+            self._bad_line(line, "not a JSON object")
+            return
+        method = msg.get("method")
+        if isinstance(method, str):
+            if "id" in msg:
+                self._server_request(msg, method)
+            else:
+                self._notification(msg, method, line)
+        elif "id" in msg and ("result" in msg or "error" in msg):
+            self._response(msg)
+        else:
+            self._bad_line(line, "neither a request, a response nor a notification")
+
+    def _bad_line(self, line: bytes, why: str) -> None:
+        preview = line[:200].decode("utf-8", "replace")
+        log.warning("app-server line skipped (%d bytes): %s: %s", len(line), why, preview)
+        # If it still names a request we sent, its requester gets an error instead of silence.
+        try:
+            salvaged = jsonrpc.loads(line.decode("utf-8", "replace"))
+        except jsonrpc.DecodeError:
+            return
+        if isinstance(salvaged, dict) and "method" not in salvaged and isinstance(salvaged.get("id"), int):
+            self._response({"id": salvaged["id"], "error": jsonrpc.error(
+                jsonrpc.INTERNAL_ERROR, f"the app-server sent an invalid response: {why}")})
+
+    def _response(self, msg: dict[str, Any]) -> None:
+        self.last_response = time.monotonic()
+        proxy_id = msg["id"]
+        pending = self.pending.pop(proxy_id, None) if isinstance(proxy_id, int) else None
+        if pending is None:
+            log.warning("app-server answered an unknown request id %r", proxy_id)
+            return
+        if pending.kind in (SESSION, CALL):
+            self._pending_work -= 1
+        if pending.kind == PROBE:
+            self.on_probe_response(pending)
+        elif pending.kind == CALL:
+            assert pending.future is not None
+            if not pending.future.done():
+                pending.future.set_result(msg)
+            self._note_turn_start(pending, msg.get("result"), None)
+        elif pending.kind == SESSION:
+            self._session_response(pending, proxy_id, msg)
+        self._on_change()
+
+    def _session_response(self, pending: Pending, proxy_id: int, msg: dict[str, Any]) -> None:
+        session = pending.session
+        assert session is not None
+        session.pending.discard(proxy_id)
+        result = msg.get("result")
+        if "error" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS and pending.thread_id:
+            self._unannounce(session, pending.thread_id)
+        if result is not None:
+            for thread_id in jsonrpc.thread_ids_in_result(result):
+                self._subscribe(session, thread_id)
+            self._note_turn_start(pending, result, session)
+        if session.open:
+            msg["id"] = pending.client_id
+            session.push(dumps(msg))
+        self._maybe_finish(session)
+
+    def _unannounce(self, session: Session, thread_id: str) -> None:
+        session.starting[thread_id] -= 1
+        if session.starting[thread_id] <= 0:
+            del session.starting[thread_id]
+
+    def _note_turn_start(self, pending: Pending, result: Any, owner: Session | None) -> None:
+        """A successful turn-starting response with a turn id begins that turn."""
+        if pending.method not in jsonrpc.TURN_STARTING_METHODS or not isinstance(result, dict):
+            return
+        turn = result.get("turn")
+        if not (isinstance(turn, dict) and isinstance(turn.get("id"), str)):
+            return  # no turn id (thread/compact/start): the turn/started notification tells
+        thread_id = result.get("reviewThreadId") if isinstance(result.get("reviewThreadId"), str) \
+            else pending.thread_id
+        if thread_id is None:
+            return
+        if owner is not None and pending.thread_id is not None:
+            self._unannounce(owner, pending.thread_id)
+        self._begin_turn(thread_id, turn["id"], owner)
+
+    def _begin_turn(self, thread_id: str, turn_id: str, owner: Session | None) -> None:
+        key = (thread_id, turn_id)
+        turn = self.turns.get(key)
+        if turn is None:
+            turn = self.turns[key] = Turn(thread_id, turn_id, time.time())
+        if turn.owner is None and owner is not None and owner.open:
+            turn.owner = owner
+            owner.turns.add(key)
+
+    def _end_turn(self, thread_id: str, turn_id: str) -> None:
+        turn = self.turns.pop((thread_id, turn_id), None)
+        if turn is not None and turn.owner is not None:
+            turn.owner.turns.discard((thread_id, turn_id))
+            self._maybe_finish(turn.owner)
+        self._on_change()
+
+    def _notification(self, msg: dict[str, Any], method: str, line: bytes) -> None:
+        params = msg.get("params")
+        thread_id = thread_id_of(params)
+        if method == "turn/started" or method == "turn/completed":
+            self._track_turn(method, thread_id, params)
+        text = line.decode()
+        if thread_id is None:
+            targets = self.sessions.values()
+        else:
+            targets = self.threads.get(thread_id, ())  # type: ignore[assignment]
+        for session in list(targets):
+            if method not in session.opt_out:
+                session.push(text)
+
+    def _track_turn(self, method: str, thread_id: str | None, params: Any) -> None:
+        turn = params.get("turn") if isinstance(params, dict) else None
+        turn_id = turn.get("id") if isinstance(turn, dict) else None
+        if thread_id is None or not isinstance(turn_id, str):
+            return
+        if method == "turn/completed":
+            self._end_turn(thread_id, turn_id)
+            return
+        owner = None
+        if (thread_id, turn_id) not in self.turns:
+            for session in self.threads.get(thread_id, ()):
+                if session.starting.get(thread_id):
+                    owner = session
+                    self._unannounce(session, thread_id)
+                    break
+        self._begin_turn(thread_id, turn_id, owner)
+        self._on_change()
+
+    def _server_request(self, msg: dict[str, Any], method: str) -> None:
+        thread_id = thread_id_of(msg.get("params"))
+        pool = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
+        targets = {s for s in pool if s.open and not s.half_closed}
+        if not targets:
+            log.info("server request %s (id %r) has no client to answer it; declined", method, msg["id"])
+            self._answer_app_server(msg["id"], jsonrpc.NO_CLIENT_ERROR)
+            return
+        local_id = next(self._server_ids)
+        self.server_requests[local_id] = ServerRequest(msg["id"], method, targets)
+        msg["id"] = local_id
+        text = dumps(msg)
+        for session in list(targets):
+            session.server_requests.add(local_id)
+            session.push(text)
+
+    # -- app-server death ----------------------------------------------------------------
+    def app_server_gone(self, why: str) -> None:
+        """Fails every pending request at once with ``why`` and ends every Session."""
+        if self.gone is not None:
+            return
+        self.gone = why
+        error = jsonrpc.error(jsonrpc.APP_SERVER_EXITED, why)
+        pending, self.pending = self.pending, {}
+        self._pending_work = 0
+        for item in pending.values():
+            if item.kind == CALL and item.future is not None and not item.future.done():
+                item.future.set_result({"id": None, "error": error})
+            elif item.kind == SESSION and item.session is not None:
+                item.session.push(error_response(item.client_id, error))
+        self.turns.clear()
+        self.server_requests.clear()
+        for session in list(self.sessions.values()):
+            session.end(Ending(grpc.StatusCode.UNAVAILABLE, why))
+        self._on_change()

@@ -1,0 +1,101 @@
+"""One client Session: its subscriptions and pending work, and its bounded outgoing buffer.
+
+Everything the hub sends to a Session goes through ``push`` in app-server order; the gRPC
+handler drains the buffer in batches (many messages per ServerFrame), which is what keeps a
+delta-heavy turn cheap. A Session whose backlog passes its limit is dropped at that moment:
+its buffer is freed and its handler is told to end with RESOURCE_EXHAUSTED."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+BATCH_MAX_MESSAGES = 1024
+BATCH_MAX_BYTES = 1 << 20
+
+
+@dataclass
+class Ending:
+    """How a Session's RPC ends: OK (code None) or a gRPC status with details."""
+    code: grpc.StatusCode | None = None
+    details: str = ""
+    flush: bool = True  # deliver what is buffered first
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    limit_bytes: int
+    on_overflow: Callable[[Session], None]
+    opened_at: float = field(default_factory=time.time)
+    client_name: str = ""
+    initialized: bool = False
+    opt_out: frozenset[str] = frozenset()
+    half_closed: bool = False
+    pending: set[int] = field(default_factory=set)  # proxy ids of its requests awaiting a response
+    threads: set[str] = field(default_factory=set)  # subscriptions
+    turns: set[tuple[str, str]] = field(default_factory=set)  # (thread, turn) it started, running
+    starting: collections.Counter[str] = field(default_factory=collections.Counter)  # thread -> turns announced
+    server_requests: set[int] = field(default_factory=set)  # local ids sent to it, unanswered
+    ending: Ending | None = None
+    handler: asyncio.Task[None] | None = None
+    _queue: collections.deque[str] = field(default_factory=collections.deque)
+    _queued_bytes: int = 0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def open(self) -> bool:
+        return self.ending is None
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def finished_work(self) -> bool:
+        return not self.pending and not self.turns and not self.starting
+
+    def push(self, text: str) -> None:
+        if self.ending is not None:
+            return
+        if self._queued_bytes > self.limit_bytes:
+            self.on_overflow(self)
+            return
+        self._queue.append(text)
+        self._queued_bytes += len(text)
+        self._wake.set()
+
+    def end(self, ending: Ending) -> None:
+        """Ends the Session's RPC (first call wins); an ending without flush frees the buffer."""
+        if self.ending is not None:
+            return
+        self.ending = ending
+        if not ending.flush:
+            self._queue.clear()
+            self._queued_bytes = 0
+        self._wake.set()
+
+    async def next_batch(self) -> list[str] | None:
+        """The next messages to send, oldest first; None when the Session is over."""
+        while not self._queue:
+            if self.ending is not None:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        queue = self._queue
+        if len(queue) == 1:
+            text = queue.popleft()
+            self._queued_bytes -= len(text)
+            return [text]
+        batch: list[str] = []
+        size = 0
+        while queue and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
+            text = queue.popleft()
+            size += len(text)
+            batch.append(text)
+        self._queued_bytes -= size
+        return batch

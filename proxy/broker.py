@@ -243,7 +243,11 @@ class Broker:
         cfg = self.config
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", -1),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # clients ping every few seconds to notice a broker that stopped answering
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                   ("grpc.http2.max_ping_strikes", 0)]
         server = grpc.aio.server(options=options)
         broker_pb2_grpc.add_AppServerServicer_to_server(AppServerService(self), server)
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)

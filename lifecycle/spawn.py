@@ -1,0 +1,188 @@
+"""Spawning a broker: detached in its own session, listening in a fresh 0700 directory with a
+short socket path, logging to a file; ready only once Health says SERVING.
+
+Readiness is an event, not a poll: a Health Watch with wait-for-ready connects as soon as the
+socket exists and reports SERVING when the broker is; a watcher thread cancels it the moment
+the broker process exits, so a broker that fails to start is reported at once with the tail of
+its log. On any failure the broker is stopped and nothing is recorded."""
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lifecycle.client import CHANNEL_OPTIONS, BrokerClient
+from lifecycle.decide import resolve_codex_home
+from lifecycle.errors import BrokerError, SpawnError, SpawnTimeout, StateError, UsageError
+from lifecycle.state import BrokerRecord, WorkspaceState
+
+DEFAULT_APP_SERVER = "codex app-server"
+LOGS_KEPT = 10
+
+
+def app_server_command(env: Mapping[str, str]) -> list[str]:
+    """CODEX_BROKER_APP_SERVER (split shell-style), else ``codex app-server``."""
+    text = env.get("CODEX_BROKER_APP_SERVER") or DEFAULT_APP_SERVER
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"CODEX_BROKER_APP_SERVER is not a valid command line ({exc}): {text!r}") from None
+    if not argv:
+        raise UsageError("CODEX_BROKER_APP_SERVER is empty")
+    return argv
+
+
+def runtime_dir(env: Mapping[str, str]) -> Path:
+    """Where session directories live: short paths (unix socket paths are limited to ~107
+    bytes). CODEX_BROKER_RUNTIME_DIR, else $XDG_RUNTIME_DIR/codex-broker, else
+    /tmp/codex-broker-<uid>; created 0700 and refused unless private and ours."""
+    explicit = env.get("CODEX_BROKER_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif env.get("XDG_RUNTIME_DIR") and os.path.isdir(env["XDG_RUNTIME_DIR"]):
+        path = Path(env["XDG_RUNTIME_DIR"]) / "codex-broker"
+    else:
+        path = Path("/tmp") / f"codex-broker-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        raise StateError(f"cannot create the runtime directory {path}: {exc.strerror}") from None
+    if path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise StateError(f"unsafe runtime directory {path}: it must be a directory owned by you with mode 0700")
+    return path
+
+
+def _log_file(state: WorkspaceState, instance_id: str) -> Path:
+    logs = state.path / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    old = sorted(logs.glob("broker-*.log"), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-LOGS_KEPT]:
+        stale.unlink(missing_ok=True)
+    return logs / f"broker-{time.strftime('%Y%m%dT%H%M%S')}-{instance_id[:8]}.log"
+
+
+def log_tail(path: str | Path, lines: int = 8) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state: WorkspaceState,
+                 timeout: float = 30.0, progress: Callable[[str], None] | None = None) -> BrokerRecord:
+    """Starts a broker for ``cwd`` and returns its record once it is SERVING."""
+    instance_id = str(uuid.uuid4())
+    session_dir = runtime_dir(env) / secrets.token_hex(4)
+    endpoint = f"unix:{session_dir}/s.sock"
+    log_file = _log_file(state, instance_id)
+    argv = [sys.executable, "-m", "proxy", "serve", "--endpoint", endpoint, "--cwd", cwd,
+            "--app-server", shlex.join(command), "--instance-id", instance_id,
+            "--pid-file", str(session_dir / "broker.pid")]
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+        _wait_serving(proc, endpoint, timeout, log_file, progress)
+        with BrokerClient(endpoint) as client:
+            status = client.status(timeout=5.0)
+    except BaseException as exc:
+        _stop_failed(proc)
+        if isinstance(exc, BrokerError):
+            raise
+        if isinstance(exc, psutil.Error | grpc.RpcError):
+            raise SpawnError(f"broker failed to start: {exc}", log_tail(log_file), str(log_file)) from None
+        raise
+    app_create = None
+    if status.app_server_pid:
+        try:
+            app_create = psutil.Process(status.app_server_pid).create_time()
+        except psutil.Error:
+            app_create = None
+    return BrokerRecord(endpoint=endpoint, pid=proc.pid, create_time=create_time, instance_id=instance_id,
+                        started_at=status.started_at, session_dir=str(session_dir), log_file=str(log_file),
+                        version=status.version, app_server_command=list(command),
+                        codex_home=resolve_codex_home(env), cwd=cwd,
+                        app_server_pid=status.app_server_pid or None, app_server_create_time=app_create)
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], endpoint: str, timeout: float, log_file: Path,
+                  progress: Callable[[str], None] | None) -> None:
+    channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+    call = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+    exited = threading.Event()
+
+    def watch_process() -> None:
+        proc.wait()
+        exited.set()
+        call.cancel()
+
+    threading.Thread(target=watch_process, name="spawn-watch", daemon=True).start()
+    ticker = _progress_ticker(progress, call) if progress else None
+    try:
+        for reply in call:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    except grpc.RpcError as exc:
+        if exited.is_set() or proc.poll() is not None:
+            raise SpawnError(_exit_cause(proc, log_file), log_tail(log_file), str(log_file)) from None
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            raise SpawnTimeout(f"broker was not SERVING within {timeout:g} s", log_tail(log_file),
+                               str(log_file)) from None
+        raise SpawnError(f"broker health watch failed: {exc.details()}",  # type: ignore[attr-defined]
+                         log_tail(log_file), str(log_file)) from None
+    finally:
+        if ticker is not None:
+            ticker.set()
+        channel.close()
+    raise SpawnError(_exit_cause(proc, log_file), log_tail(log_file), str(log_file))
+
+
+def _progress_ticker(progress: Callable[[str], None], call: object) -> threading.Event:
+    """Reports the wait every second after the first (a terminal user sees it is not stuck)."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(1.0):
+            progress(f"waiting for the broker to be SERVING ({time.monotonic() - start:.0f} s)")
+
+    threading.Thread(target=tick, name="spawn-progress", daemon=True).start()
+    return done
+
+
+def _exit_cause(proc: subprocess.Popen[bytes], log_file: Path) -> str:
+    code = proc.poll()
+    last = log_tail(log_file, 1)
+    detail = last.split("codex-broker serve: ", 1)[-1] if "codex-broker serve: " in last else ""
+    if code is None:
+        return "broker stopped serving before it was ready"
+    return f"broker exited with status {code} before it was ready" + (f": {detail}" if detail else "")
+
+
+def _stop_failed(proc: subprocess.Popen[bytes]) -> None:
+    """Our own child, never recorded: stop its whole group and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass

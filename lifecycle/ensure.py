@@ -18,7 +18,7 @@ from pathlib import Path
 from lifecycle import identity
 from lifecycle.client import BrokerClient
 from lifecycle.decide import Decision, Observation, Verdict, decide, max_age_seconds, resolve_codex_home
-from lifecycle.errors import BrokerError, ConnectError, HealthTimeout
+from lifecycle.errors import BrokerError, ConnectError, HealthTimeout, UsageError
 from lifecycle.spawn import app_server_command, spawn_broker
 from lifecycle.state import BrokerRecord, HistoryEntry, WorkspaceState, state_root
 
@@ -104,17 +104,38 @@ def ensure_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str
                   progress: Callable[[str], None] | None = None) -> BrokerSession:
     """The workspace's healthy broker: reused when live, otherwise spawned (rotating the old one
     gracefully when it is aged or mismatched). Raises a BrokerError subclass naming the phase."""
-    env = os.environ if env is None else env
+    return _ensure(cwd, env=env, state_dir=state_dir, spawn_timeout=spawn_timeout, progress=progress)
+
+
+def rotate_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+                  state_dir: Path | None = None, spawn_timeout: float = 30.0,
+                  progress: Callable[[str], None] | None = None) -> BrokerSession:
+    """Like ensure_broker, but a live broker is rotated too: asked to drain (its turns finish)
+    while a new one is spawned for every later caller."""
+    return _ensure(cwd, env=env, state_dir=state_dir, spawn_timeout=spawn_timeout, progress=progress,
+                   rotate=True)
+
+
+def workspace_state(cwd: str | os.PathLike[str] | None, env: Mapping[str, str],
+                    state_dir: Path | None = None) -> tuple[str, WorkspaceState]:
     workspace = os.path.realpath(cwd if cwd is not None else os.getcwd())
     if not os.path.isdir(workspace):
-        from lifecycle.errors import UsageError
         raise UsageError(f"not a directory: {workspace}")
     root = state_dir if state_dir is not None else state_root(env)
-    state = WorkspaceState.for_cwd(workspace, root)
+    return workspace, WorkspaceState.for_cwd(workspace, root)
+
+
+def _ensure(cwd: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None, state_dir: Path | None,
+            spawn_timeout: float, progress: Callable[[str], None] | None, rotate: bool = False) -> BrokerSession:
+    env = os.environ if env is None else env
+    workspace, state = workspace_state(cwd, env, state_dir)
     command = app_server_command(env)
     with state.lock(timeout=LOCK_TIMEOUT):
         record = state.read()
         decision = decide(observe(record, env=env, wanted_command=command))
+        if decision.reuse and rotate:
+            decision = Decision(Verdict.AGED, spawn=True, drain=True, signal_allowed=True,
+                                reason="rotate: requested")
         if decision.reuse:
             assert record is not None
             return _session(record, decision)

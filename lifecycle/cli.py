@@ -1,0 +1,389 @@
+"""The ``codex-broker`` command.
+
+Exit codes (one table for every command):
+  0  success (health: SERVING)
+  1  an error, named on one line (call: the app-server answered with a JSON-RPC error)
+  2  bad input, or the broker cannot be reached (health: cannot connect)
+  3  an RPC failed or timed out (health: the Check failed)
+  4  health: the broker answered NOT_SERVING
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RPC, EXIT_NOT_SERVING = 0, 1, 2, 3, 4
+
+
+def _progress() -> Callable[[str], None] | None:
+    """Progress lines for long waits, on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(text: str) -> None:
+        sys.stderr.write(f"\r\033[Kcodex-broker: {text}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _end_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# -- finding a broker ----------------------------------------------------------------------
+def _recorded(args: argparse.Namespace) -> Any:
+    from lifecycle.ensure import workspace_state
+    from lifecycle.errors import ConnectError
+
+    workspace, state = workspace_state(args.cwd, os.environ)
+    record = state.read()
+    if record is None:
+        raise ConnectError(f"no broker is recorded for {workspace} (run: codex-broker ensure)")
+    return record
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    if getattr(args, "endpoint", None):
+        return str(args.endpoint)
+    return str(_recorded(args).endpoint)
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_ensure(args: argparse.Namespace) -> int:
+    from lifecycle.ensure import ensure_broker
+
+    session = ensure_broker(args.cwd, progress=_progress())
+    _end_progress()
+    if args.json:
+        _print_json(session.to_json())
+    else:
+        how = "reused" if session.reused else f"started ({session.reason})"
+        print(f"{session.endpoint} pid {session.pid} {how}")
+    return EXIT_OK
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from lifecycle.ensure import rotate_broker
+
+    session = rotate_broker(args.cwd, progress=_progress())
+    _end_progress()
+    if args.json:
+        _print_json(session.to_json())
+    else:
+        print(f"{session.endpoint} pid {session.pid} started ({session.reason})")
+    return EXIT_OK
+
+
+def status_dict(status: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def format_status(status: Any, now: float | None = None) -> str:
+    from protos import broker_pb2
+
+    now = time.time() if now is None else now
+    state = broker_pb2.BrokerState.Name(status.state).removeprefix("BROKER_STATE_")
+    rows = [
+        ("state", f"{state} (health {status.health})"),
+        ("endpoint", status.endpoint),
+        ("pid", f"{status.pid}, up {_age(now - status.started_at)}, version {status.version}"),
+        ("instance", status.instance_id),
+        ("cwd", status.cwd),
+        ("app-server", f"pid {status.app_server_pid} ({'alive' if status.app_server_alive else 'gone'}): "
+                       f"{' '.join(status.app_server_command)}"),
+        ("last probe", f"{status.last_probe_latency_ms:.2f} ms, {_age(now - status.last_probe_at)} ago"
+         if status.last_probe_at else "none yet"),
+        ("sessions", str(status.open_sessions)),
+        ("in-flight turns", str(len(status.in_flight_turns))),
+        ("pending requests", str(status.pending_requests)),
+    ]
+    if status.drain_deadline:
+        rows.append(("drain", f"{status.drain_reason}; deadline in {_age(status.drain_deadline - now)}"))
+    lines = [f"{name:<17}{value}" for name, value in rows]
+    for s in status.sessions:
+        lines.append(f"  session {s.session_id} {s.client_name or '-'}: open {_age(now - s.opened_at)}, "
+                     f"{s.pending_requests} pending, {s.subscribed_threads} threads, {s.queued_bytes} bytes queued")
+    for t in status.in_flight_turns:
+        lines.append(f"  turn {t.turn_id} on thread {t.thread_id}: running {_age(now - t.started_at)}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lifecycle.client import BrokerClient
+
+    with BrokerClient(_endpoint(args)) as client:
+        status = client.status(timeout=args.timeout)
+    if args.json:
+        _print_json(status_dict(status))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc_health_probe's contract: 0 serving, 2 cannot connect, 3 RPC failed, 4 not serving."""
+    from lifecycle.client import BrokerClient
+    from lifecycle.errors import BrokerError, ConnectError
+
+    try:
+        endpoint = _endpoint(args)
+    except ConnectError as exc:
+        print(f"codex-broker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with BrokerClient(endpoint) as client:
+        try:
+            client.wait_connected(args.connect_timeout)
+        except ConnectError as exc:
+            print(f"codex-broker: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            answer = client.health(args.service, timeout=args.timeout)
+        except BrokerError as exc:
+            print(f"codex-broker: health check failed: {exc}", file=sys.stderr)
+            return EXIT_RPC
+    print(f"status: {answer}")
+    return EXIT_OK if answer == "SERVING" else EXIT_NOT_SERVING
+
+
+def _wait_exit(pid: int, create_time: float, timeout: float | None, what: str) -> bool:
+    from lifecycle import identity
+
+    progress = _progress()
+    start = time.monotonic()
+    while True:
+        if identity.wait_gone(pid, create_time, 1.0):
+            _end_progress()
+            return True
+        waited = time.monotonic() - start
+        if timeout is not None and waited >= timeout:
+            _end_progress()
+            return False
+        if progress:
+            progress(f"waiting for broker pid {pid} to {what} ({waited:.0f} s)")
+
+
+def _broker_identity(client: Any) -> tuple[int, float]:
+    from lifecycle import identity
+    from lifecycle.errors import BrokerError
+
+    status = client.status(timeout=5.0)
+    create_time = identity.process_create_time(status.pid)
+    if create_time is None:
+        raise BrokerError(f"broker pid {status.pid} reported by Status is not running here")
+    return status.pid, create_time
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from lifecycle.client import BrokerClient
+    from lifecycle.errors import DrainTimeout
+
+    with BrokerClient(_endpoint(args)) as client:
+        pid, create_time = _broker_identity(client)
+        reply = client.drain(args.deadline or 0.0, reason=args.reason or "codex-broker drain", force=args.force)
+    from protos import broker_pb2
+
+    state = broker_pb2.BrokerState.Name(reply.state).removeprefix("BROKER_STATE_")
+    print(f"broker pid {pid}: {state}, {reply.in_flight_turns} turns and {reply.pending_requests} requests in flight")
+    if args.wait:
+        if not _wait_exit(pid, create_time, None, "finish its turns and exit"):
+            raise DrainTimeout(f"broker pid {pid} did not exit")
+        print(f"broker pid {pid} exited")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Graceful unless --force: drain with the default deadline and wait for the exit."""
+    from lifecycle.client import BrokerClient
+    from lifecycle.errors import BrokerError, DrainTimeout
+
+    record = None if args.endpoint else _recorded(args)
+    endpoint = args.endpoint or record.endpoint
+    with BrokerClient(endpoint) as client:
+        try:
+            pid, create_time = _broker_identity(client)
+        except BrokerError:
+            if record is None or not args.force:
+                raise
+            pid, create_time = record.pid, record.create_time  # not answering: forced stop by record
+        else:
+            client.drain(0.0, reason="codex-broker stop" + (" --force" if args.force else ""), force=args.force)
+    if args.force:
+        if not _wait_exit(pid, create_time, 5.0, "exit"):
+            _force_kill(record, pid, create_time)
+    elif not _wait_exit(pid, create_time, args.timeout, "finish its turns and exit"):
+        raise DrainTimeout(f"broker pid {pid} still draining after {args.timeout:g} s (stop --force interrupts)")
+    if record is not None:
+        from lifecycle.ensure import remove_session_dir, workspace_state
+
+        workspace_state(args.cwd, os.environ)[1].clear(record)
+        remove_session_dir(record)
+    print(f"broker pid {pid} stopped")
+    return EXIT_OK
+
+
+def _force_kill(record: Any, pid: int, create_time: float) -> None:
+    import signal
+
+    from lifecycle import identity
+    from lifecycle.ensure import kill_broker
+
+    if record is not None and record.pid == pid:
+        kill_broker(record)
+    else:
+        identity.signal_verified(pid, create_time, signal.SIGKILL, group=True)
+        identity.wait_gone(pid, create_time, 5.0)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from lifecycle.ensure import ensure_broker
+    from lifecycle.errors import AppServerError, UsageError
+
+    params = None
+    if args.params is not None:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise UsageError(f"PARAMS_JSON is not valid JSON: {exc}") from None
+    session = ensure_broker(args.cwd, progress=_progress())
+    _end_progress()
+    with session.client() as client:
+        try:
+            result = client.call(args.method, params, timeout=args.timeout)
+        except AppServerError as exc:
+            _print_json({"error": {"code": exc.code, "message": exc.message, **(
+                {"data": exc.data} if exc.data is not None else {})}})
+            return EXIT_ERROR
+    _print_json(result)
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from lifecycle.gc import collect
+
+    report = collect(os.environ, dry_run=args.dry_run)
+    if args.json:
+        _print_json(report)
+    else:
+        for line in report["actions"] or ["nothing to collect"]:
+            print(line)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.cli import run_serve
+
+    return run_serve(args)
+
+
+# -- parsing -------------------------------------------------------------------------------
+def _nonneg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.cli import add_serve_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="codex-broker", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One healthy codex app-server broker per workspace.", epilog=__doc__.split("\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+                where: str = "cwd") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if where in ("cwd", "both"):
+            p.add_argument("--cwd", default=None, help="the workspace (default: the current directory)")
+        if where == "both":
+            p.add_argument("--endpoint", default=None, help="a broker endpoint (unix:PATH) instead of the workspace's")
+        return p
+
+    serve = command("serve", cmd_serve, "run a broker in the foreground", where="none")
+    add_serve_arguments(serve)
+    p = command("ensure", cmd_ensure, "start the workspace's broker, or reuse it if healthy")
+    p.add_argument("--json", action="store_true", help="print endpoint, pid, instance_id, started_at, ... as JSON")
+    p = command("status", cmd_status, "show the broker's state, sessions and in-flight turns", where="both")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=_nonneg, default=5.0, metavar="S")
+    p = command("health", cmd_health, "ask grpc.health.v1 (never spawns); exit codes as grpc_health_probe",
+                where="both")
+    p.add_argument("--service", default="", help='service name ("" or codexbroker.v1.AppServer)')
+    p.add_argument("--connect-timeout", type=_nonneg, default=1.0, metavar="S")
+    p.add_argument("--timeout", type=_nonneg, default=1.0, metavar="S", help="RPC timeout")
+    p = command("drain", cmd_drain, "ask the broker to drain: no new work, in-flight turns finish", where="both")
+    p.add_argument("--deadline", type=_nonneg, default=0.0, metavar="S",
+                   help="interrupt turns still running after this long (default: the broker's, 1 h)")
+    p.add_argument("--force", action="store_true", help="interrupt in-flight turns now")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--wait", action="store_true", help="wait until the broker has exited")
+    p = command("rotate", cmd_rotate, "drain the workspace's broker and start a new one now")
+    p.add_argument("--json", action="store_true")
+    p = command("stop", cmd_stop, "stop the broker gracefully (drain, wait); --force interrupts turns",
+                where="both")
+    p.add_argument("--force", action="store_true", help="interrupt turns; kill the broker if it does not exit")
+    p.add_argument("--timeout", type=_nonneg, default=None, metavar="S", help="give up waiting after S seconds")
+    p = command("call", cmd_call, "ensure the broker, send one request, print the result as JSON")
+    p.add_argument("method")
+    p.add_argument("params", nargs="?", default=None, metavar="PARAMS_JSON")
+    p.add_argument("--timeout", type=_nonneg, default=60.0, metavar="S")
+    p = command("gc", cmd_gc, "stop this user's orphaned brokers and remove dead session directories",
+                where="none")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be done")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return int(args.func(args))
+    import logging
+
+    from lifecycle.errors import BrokerError
+
+    logging.basicConfig(level=logging.WARNING, format="codex-broker: %(message)s")
+    try:
+        return int(args.func(args))
+    except BrokerError as exc:
+        _end_progress()
+        text = str(exc).replace("\n", "\n  ")
+        print(f"codex-broker {args.command}: {text}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _end_progress()
+        print(f"codex-broker {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up a fresh checkout: a virtualenv in .venv with the project and its dev dependencies,
+# and the pinned codex CLI installed locally (node_modules/) when `codex` is not on PATH or
+# when CODEX_BROKER_INSTALL_CODEX=1. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CODEX_VERSION=0.169.0
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version)" >&2
+  "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import grpc, grpc_tools, psutil, pytest, lifecycle, proxy, protos' 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "setup: installing the project and its dependencies into .venv" >&2
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[dev,bench]'
+  touch .venv/.installed
+fi
+
+want_codex=${CODEX_BROKER_INSTALL_CODEX:-}
+if [ -z "$want_codex" ] && ! command -v codex >/dev/null 2>&1; then
+  want_codex=1
+fi
+if [ "$want_codex" = 1 ]; then
+  if [ "$(node_modules/.bin/codex --version 2>/dev/null || true)" != "codex-cli $CODEX_VERSION" ]; then
+    echo "setup: installing @openai/codex@$CODEX_VERSION locally into node_modules/ (about 400 MB)" >&2
+    npm install --no-save --no-audit --no-fund --loglevel=error "@openai/codex@$CODEX_VERSION" >&2
+  fi
+fi

@@ -177,9 +177,13 @@ def _drain(record: BrokerRecord, *, force: bool, reason: str) -> bool:
 
 def kill_broker(record: BrokerRecord) -> None:
     """SIGKILL the broker's process group and the app-server's, each identity-verified first."""
-    killed = identity.signal_verified(record.pid, record.create_time, signal.SIGKILL, group=True)
+    # The app-server's group first: the broker's death takes the direct child with it (parent-death
+    # signal), after which its identity no longer verifies, but a native server behind a launcher
+    # in that group would survive, stopped forever if it was wedged.
     if record.app_server_pid and record.app_server_create_time:
         identity.signal_verified(record.app_server_pid, record.app_server_create_time, signal.SIGKILL, group=True)
+    killed = identity.signal_verified(record.pid, record.create_time, signal.SIGKILL, group=True)
+    if record.app_server_pid and record.app_server_create_time:
         identity.wait_gone(record.app_server_pid, record.app_server_create_time, EXIT_WAIT)
     if killed:
         identity.wait_gone(record.pid, record.create_time, EXIT_WAIT)

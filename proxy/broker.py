@@ -106,6 +106,7 @@ class Broker:
         self._created_dir: str | None = None
         self._idle_since: float | None = None
         self._signals = 0
+        self._starting: asyncio.Task[None] | None = None
 
     # -- small facts ---------------------------------------------------------------------
     @property
@@ -143,18 +144,18 @@ class Broker:
     # -- the whole life ------------------------------------------------------------------
     async def run(self) -> int:
         """Serves until stopped; returns the exit code. ConfigError for bad input."""
-        self._prepare_paths()
-        try:
-            await self._start_app_server()
-            await self._listen()
-        except BaseException:
-            if self.app is not None:
-                await self.app.stop(polite_wait=0.5, term_wait=1.0)
-            self._remove_files()
-            raise
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._prepare_paths()
+        self._starting = asyncio.create_task(self._start(), name="start")
+        try:
+            await self._starting
+        except asyncio.CancelledError:
+            if not self._signals:
+                raise
+            log.info("stopped by a signal before ready")
+            return 0
         self.state = S.BROKER_STATE_SERVING
         self._idle_since = time.monotonic()
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
@@ -166,6 +167,16 @@ class Broker:
         await self._stop.wait()
         await self._shutdown()
         return self._exit_code
+
+    async def _start(self) -> None:
+        try:
+            await self._start_app_server()
+            await self._listen()
+        except BaseException:
+            if self.app is not None:
+                await self.app.stop(polite_wait=0.5, term_wait=1.0)
+            self._remove_files()
+            raise
 
     def _prepare_paths(self) -> None:
         sock = self.config.socket_path
@@ -271,7 +282,11 @@ class Broker:
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
         name = signal.Signals(sig).name
-        if self._signals == 1:
+        if self.state == S.BROKER_STATE_STARTING:
+            log.info("%s while starting: giving up", name)
+            if self._starting is not None:
+                self._starting.cancel()
+        elif self._signals == 1:
             self.drain(None, reason=name)
         else:
             log.info("second signal (%s): stopping now", name)
@@ -311,11 +326,16 @@ class Broker:
                 await asyncio.wait_for(self._change.wait(), remaining)
             except TimeoutError:
                 pass
-        if self.hub.turns:
-            log.info("drain deadline reached: interrupting %d turns", len(self.hub.turns))
-            self._interrupt_turns()
-            await self._wait_until(lambda: not self.hub.turns, INTERRUPT_GRACE)
-        await self._wait_until(lambda: not self.hub.in_flight, FORCE_GRACE)
+        if self.health.wedged():
+            # Nothing will answer: waiting for turn/completed or responses only delays the stop.
+            log.warning("app-server is wedged: stopping without waiting for %d turns and %d requests",
+                        len(self.hub.turns), self.hub.pending_work)
+        else:
+            if self.hub.turns:
+                log.info("drain deadline reached: interrupting %d turns", len(self.hub.turns))
+                self._interrupt_turns()
+                await self._wait_until(lambda: not self.hub.turns, INTERRUPT_GRACE)
+            await self._wait_until(lambda: not self.hub.in_flight, FORCE_GRACE)
         log.info("drain complete")
         self.stop(0)
 
@@ -381,7 +401,8 @@ class Broker:
         if handlers:
             await asyncio.wait(handlers, timeout=SESSION_FLUSH)
         if self.app is not None:
-            code = await self.app.stop()
+            wedged = self.health.wedged()  # a stopped or hung child ignores stdin EOF and SIGTERM
+            code = await self.app.stop(polite_wait=0.2 if wedged else 2.0, term_wait=0.3 if wedged else 2.0)
             log.info("app-server stopped (%s)", self.app.describe_exit() if code is not None else "no status")
         await self.health.servicer.enter_graceful_shutdown()
         if self.server is not None:

@@ -224,7 +224,8 @@ class Broker:
             self.app_server_create_time_ms = int(psutil.Process(self.app.pid).create_time() * 1000)
         except psutil.Error:
             pass
-        log.info("app-server started pid=%s command=%s", self.app.pid, " ".join(cfg.app_server))
+        log.info("starting version=%s endpoint=%s cwd=%s instance=%s; app-server pid=%s command=%s", self.version,
+                 cfg.endpoint, cfg.cwd, cfg.instance_id, self.app.pid, " ".join(cfg.app_server))
         await self._handshake()
 
     async def _handshake(self) -> None:
@@ -384,6 +385,7 @@ class Broker:
         self.stop(1)
 
     def stop(self, code: int) -> None:
+        self.hub.stopping = True  # at once, not when _shutdown gets to run
         if not self._stop.is_set():
             self._exit_code = code
             self._stop.set()

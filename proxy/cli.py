@@ -75,7 +75,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from proxy.broker import Broker, ConfigError, ServeConfig, StartError
 
     setup_logging()
-    log = logging.getLogger("codex_broker.proxy")
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
         print(f"codex-broker serve: --cwd is not a directory: {cwd}", file=sys.stderr)
@@ -95,8 +94,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
-    log.info("starting version=%s endpoint=%s cwd=%s instance=%s", _version(), config.endpoint, cwd,
-             config.instance_id)
     try:
         return asyncio.run(Broker(config).run())
     except ConfigError as exc:
@@ -105,11 +102,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except StartError as exc:
         print(f"codex-broker serve: {exc}", file=sys.stderr)
         return 1
-
-
-def _version() -> str:
-    from proxy import __version__
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

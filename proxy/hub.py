@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,7 @@ class Hub:
         self._pending_work = 0
         self.init_result: Any = None
         self.draining = False
+        self.stopping = False  # the broker decided to stop: nothing new goes to the app-server
         self.gone: str | None = None  # why the app-server is gone, once it is
         self.last_response = 0.0  # monotonic time of the last response from the app-server
         self.on_probe_response: Callable[[Pending], None] = lambda pending: None
@@ -95,7 +96,10 @@ class Hub:
 
     @property
     def in_flight(self) -> int:
-        return self.pending_work + len(self.turns)
+        """Pending client requests + running turns + turns announced by a successful start
+        request but not begun yet (thread/compact/start answers without a turn id)."""
+        announced = sum(sum(s.starting.values()) for s in self.sessions.values() if s.starting)
+        return self.pending_work + len(self.turns) + announced
 
     def oldest_pending(self) -> float | None:
         """Monotonic send time of the oldest request the app-server has not answered."""
@@ -127,7 +131,7 @@ class Hub:
         """One request outside any Session; returns the app-server's response message."""
         if method == "initialize":
             return {"id": None, "result": self.init_result}
-        if self.draining and method in jsonrpc.NEW_WORK_METHODS:
+        if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
             return {"id": None, "error": jsonrpc.DRAINING_ERROR}
         if self.overloaded():
             return {"id": None, "error": jsonrpc.OVERLOADED_ERROR}
@@ -242,7 +246,9 @@ class Hub:
         thread_id = thread_id_of(params)
         if thread_id is not None:
             self._subscribe(session, thread_id)  # even if the request fails
-        if self.draining and method in jsonrpc.NEW_WORK_METHODS:
+        if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
+            # Once stopping, a request would reach the app-server and its response be lost
+            # with the Session: refuse it, so that a retry is safe.
             session.push(error_response(client_id, jsonrpc.DRAINING_ERROR))
             return
         if self.overloaded():
@@ -294,7 +300,7 @@ class Hub:
     # -- from the app-server -------------------------------------------------------------
     def from_app_server(self, line: bytes) -> None:
         try:
-            msg = jsonrpc.loads(line)
+            msg = jsonrpc.loads_for_routing(line)  # notifications are passed on as the raw line
         except jsonrpc.DecodeError as exc:
             self._bad_line(line, f"not JSON ({exc})")
             return
@@ -304,11 +310,11 @@ class Hub:
         method = msg.get("method")
         if isinstance(method, str):
             if "id" in msg:
-                self._server_request(msg, method)
+                self._server_request(jsonrpc.exact(line, msg), method)
             else:
                 self._notification(msg, method, line)
         elif "id" in msg and ("result" in msg or "error" in msg):
-            self._response(msg)
+            self._response(jsonrpc.exact(line, msg))
         else:
             self._bad_line(line, "neither a request, a response nor a notification")
 
@@ -317,7 +323,7 @@ class Hub:
         log.warning("app-server line skipped (%d bytes): %s: %s", len(line), why, preview)
         # If it still names a request we sent, its requester gets an error instead of silence.
         try:
-            salvaged = jsonrpc.loads(line.decode("utf-8", "replace"))
+            salvaged = jsonrpc.loads_lenient(line.decode("utf-8", "replace"))
         except jsonrpc.DecodeError:
             return
         if isinstance(salvaged, dict) and "method" not in salvaged and isinstance(salvaged.get("id"), int):
@@ -399,16 +405,14 @@ class Hub:
     def _notification(self, msg: dict[str, Any], method: str, line: bytes) -> None:
         params = msg.get("params")
         thread_id = thread_id_of(params)
-        if method == "turn/started" or method == "turn/completed":
-            self._track_turn(method, thread_id, params)
         text = line.decode()
-        if thread_id is None:
-            targets = self.sessions.values()
-        else:
-            targets = self.threads.get(thread_id, ())  # type: ignore[assignment]
+        targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
         for session in list(targets):
             if method not in session.opt_out:
                 session.push(text)
+        # After delivery: a turn/completed may end a half-closed Session, which must get it first.
+        if method == "turn/started" or method == "turn/completed":
+            self._track_turn(method, thread_id, params)
 
     def _track_turn(self, method: str, thread_id: str | None, params: Any) -> None:
         turn = params.get("turn") if isinstance(params, dict) else None

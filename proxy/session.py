@@ -16,6 +16,10 @@ import grpc
 
 BATCH_MAX_MESSAGES = 1024
 BATCH_MAX_BYTES = 1 << 20
+# Messages at least this big are tracked one by one: the largest one queued does not count
+# against the limit, so one big result (a long thread history) does not get a Session that
+# keeps reading dropped while the deltas behind it arrive.
+LARGE_MESSAGE = 1 << 20
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Session:
     handler: asyncio.Task[None] | None = None
     _queue: collections.deque[str] = field(default_factory=collections.deque)
     _queued_bytes: int = 0
+    _large: collections.deque[int] = field(default_factory=collections.deque)  # sizes, in queue order
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -62,11 +67,14 @@ class Session:
     def push(self, text: str) -> None:
         if self.ending is not None:
             return
-        if self._queued_bytes > self.limit_bytes:
+        backlog = self._queued_bytes - (max(self._large) if self._large else 0)
+        if backlog > self.limit_bytes:
             self.on_overflow(self)
             return
         self._queue.append(text)
         self._queued_bytes += len(text)
+        if len(text) >= LARGE_MESSAGE:
+            self._large.append(len(text))
         self._wake.set()
 
     def end(self, ending: Ending) -> None:
@@ -76,6 +84,7 @@ class Session:
         self.ending = ending
         if not ending.flush:
             self._queue.clear()
+            self._large.clear()
             self._queued_bytes = 0
         self._wake.set()
 
@@ -90,6 +99,8 @@ class Session:
         if len(queue) == 1:
             text = queue.popleft()
             self._queued_bytes -= len(text)
+            if len(text) >= LARGE_MESSAGE:
+                self._large.popleft()
             return [text]
         batch: list[str] = []
         size = 0
@@ -97,5 +108,7 @@ class Session:
             text = queue.popleft()
             size += len(text)
             batch.append(text)
+            if len(text) >= LARGE_MESSAGE:
+                self._large.popleft()
         self._queued_bytes -= size
         return batch

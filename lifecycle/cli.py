@@ -220,7 +220,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from lifecycle.errors import BrokerError, DrainTimeout
 
     record = None if args.endpoint else _recorded(args)
-    endpoint = args.endpoint or record.endpoint
+    endpoint = args.endpoint if record is None else record.endpoint
     with BrokerClient(endpoint) as client:
         try:
             pid, create_time = _broker_identity(client)

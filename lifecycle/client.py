@@ -26,7 +26,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.initial_reconnect_backoff_ms", 20),
-    ("grpc.min_reconnect_backoff_ms", 20),
+    # Despite its name, this is gRPC's minimum *connect timeout*: at 20 ms a healthy broker that
+    # was slow to send its HTTP/2 SETTINGS (a loaded machine) looked unreachable, i.e. wedged, and
+    # got killed with its turns. Connecting is bounded by each RPC's own deadline instead.
+    ("grpc.min_reconnect_backoff_ms", 20_000),
     ("grpc.max_reconnect_backoff_ms", 200),
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 3000),

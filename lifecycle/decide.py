@@ -41,7 +41,7 @@ class Observation:
     record_present: bool
     record_corrupt: bool
     pid_alive: bool
-    create_time_matches: bool
+    create_time_matches: bool  # and its command line names the recorded instance id
     status_answered: bool
     status_instance_id: str | None
     record_instance_id: str | None
@@ -92,7 +92,7 @@ def _no_broker(obs: Observation) -> Decision:
 def _dead(obs: Observation) -> Decision:
     """Never signal here: the pid is gone, or it now belongs to someone else."""
     if obs.pid_alive:
-        reason = "dead: recorded pid is alive but was recycled (create time differs)"
+        reason = "dead: recorded pid is alive but was recycled (another create time, or not this broker's command)"
     else:
         reason = "dead: recorded pid is gone"
     return Decision(Verdict.DEAD, spawn=True, clean_files=True, reason=reason)

@@ -6,9 +6,9 @@ of ``lifecycle.decide``, then act. Nothing is signalled without identity, and an
 never stopped: it is asked to drain, and the new broker is spawned at once."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -69,7 +69,8 @@ def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_comma
                            broker_state=None, health=None, started_at=0.0, record_app_server_command=(),
                            record_codex_home="", **base)  # type: ignore[arg-type]
     alive = identity.process_create_time(record.pid) is not None
-    same = alive and identity.is_same_process(record.pid, record.create_time)
+    same = (alive and identity.is_same_process(record.pid, record.create_time)
+            and identity.runs_instance(record.pid, record.instance_id))
     answered, instance, state, health = False, None, None, None
     if same:
         with BrokerClient(record.endpoint) as client:
@@ -132,7 +133,10 @@ def _ensure(cwd: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None
     command = app_server_command(env)
     with state.lock(timeout=LOCK_TIMEOUT):
         record = state.read()
-        decision = decide(observe(record, env=env, wanted_command=command))
+        observation = observe(record, env=env, wanted_command=command)
+        if state.corrupt is not None:
+            observation = dataclasses.replace(observation, record_corrupt=True)
+        decision = decide(observation)
         if decision.reuse and rotate:
             decision = Decision(Verdict.AGED, spawn=True, drain=True, signal_allowed=True,
                                 reason="rotate: requested")
@@ -145,9 +149,12 @@ def _ensure(cwd: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None
         new = spawn_broker(workspace, command=command, env=env, state=state, timeout=spawn_timeout,
                            progress=progress)
         state.write(new)
-        if record is not None:
-            state.append_history(HistoryEntry(at=time.time(), reason=decision.reason, old_instance=record.instance_id,
-                                              new_instance=new.instance_id, old_pid=record.pid, new_pid=new.pid))
+        if record is not None or state.corrupt is not None:
+            reason = decision.reason if record is not None else f"{decision.reason} ({state.corrupt})"
+            state.append_history(HistoryEntry(
+                at=time.time(), reason=reason,
+                old_instance=record.instance_id if record else None, new_instance=new.instance_id,
+                old_pid=record.pid if record else None, new_pid=new.pid))
         return _session(new, decision)
 
 
@@ -160,7 +167,12 @@ def _act_on_old(state: WorkspaceState, record: BrokerRecord, decision: Decision)
             log.warning("broker pid %d did not exit after a forced drain: killing it", record.pid)
             kill_broker(record)
     elif decision.kill:
-        kill_broker(record)
+        # A broker whose app-server just died removes its socket a few ms before it exits:
+        # give it a moment, so a crash is not recorded (and handled) as a wedge.
+        if identity.wait_gone(record.pid, record.create_time, 0.5):
+            log.info("broker pid %d exited by itself", record.pid)
+        else:
+            kill_broker(record)
     if decision.clean_files or decision.kill or decision.verdict is Verdict.UNHEALTHY:
         remove_session_dir(record)
 
@@ -180,6 +192,9 @@ def kill_broker(record: BrokerRecord) -> None:
     # The app-server's group first: the broker's death takes the direct child with it (parent-death
     # signal), after which its identity no longer verifies, but a native server behind a launcher
     # in that group would survive, stopped forever if it was wedged.
+    if not identity.runs_instance(record.pid, record.instance_id):
+        log.warning("not killing pid %d: it is not the broker %s", record.pid, record.instance_id)
+        return
     if record.app_server_pid and record.app_server_create_time:
         identity.signal_verified(record.app_server_pid, record.app_server_create_time, signal.SIGKILL, group=True)
     killed = identity.signal_verified(record.pid, record.create_time, signal.SIGKILL, group=True)
@@ -190,11 +205,23 @@ def kill_broker(record: BrokerRecord) -> None:
 
 
 def remove_session_dir(record: BrokerRecord) -> None:
-    """Removes the dead broker's socket directory (only a directory of ours, with its files)."""
+    """Removes a dead broker's socket directory: only the files a broker puts there, then the
+    directory if that leaves it empty (a tampered record can never make this delete more)."""
     path = Path(record.session_dir)
     try:
         st = path.lstat()
     except FileNotFoundError:
         return
-    if st.st_uid == os.getuid() and path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+    if st.st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
+        return
+    for name in ("s.sock", "broker.pid"):
+        try:
+            (path / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+    try:
+        path.rmdir()
+    except OSError:
+        pass

@@ -42,6 +42,19 @@ def is_same_process(pid: int, create_time: float) -> bool:
     return actual is not None and abs(actual - create_time) <= CREATE_TIME_TOLERANCE
 
 
+def runs_instance(pid: int, instance_id: str) -> bool:
+    """True when ``pid``'s command line carries ``instance_id`` as an argument, as a broker
+    spawned for that record does (``--instance-id ID``).
+
+    Pid + create time say which process it is; this says it is the broker the record describes,
+    so a record naming some other live process (hand-edited, or copied from elsewhere) can never
+    get that process signalled."""
+    try:
+        return instance_id in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+
+
 def signal_verified(pid: int, create_time: float, sig: int, *, group: bool = False) -> bool:
     """Send ``sig`` only if ``pid`` is still the process created at ``create_time``.
 

@@ -105,7 +105,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
         if isinstance(exc, BrokerError):
             raise
         if isinstance(exc, psutil.Error | grpc.RpcError):
-            raise SpawnError(f"broker failed to start: {exc}", log_tail(log_file), str(log_file)) from None
+            raise SpawnError(str(exc), log_tail(log_file), str(log_file)) from None
         raise
     app_create = None
     if status.app_server_pid:

@@ -199,6 +199,7 @@ class WorkspaceState:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.corrupt: str | None = None  # what the last read() found wrong, when it was corrupt
         _make_private_dir(self.path)
 
     @classmethod
@@ -236,7 +237,8 @@ class WorkspaceState:
         try:
             return BrokerRecord.from_json(json.loads(raw.decode("utf-8")))
         except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            self._quarantine(identity, _describe_corruption(raw, exc))
+            self.corrupt = _describe_corruption(raw, exc)
+            self._quarantine(identity, self.corrupt)
             return None
 
     def write(self, record: BrokerRecord) -> None:

@@ -234,9 +234,9 @@ class Broker:
                   "capabilities": {"experimentalApi": True}}
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.hub.request(CALL, "initialize", params, future=future)
-        gone = asyncio.create_task(self.app.wait_gone())
+        gone: asyncio.Future[Any] = asyncio.ensure_future(self.app.wait_gone())
         try:
-            done, _ = await asyncio.wait({future, gone}, timeout=self.config.start_timeout,
+            done, _ = await asyncio.wait([future, gone], timeout=self.config.start_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()

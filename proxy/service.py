@@ -13,7 +13,7 @@ import grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy import jsonrpc
-from proxy.session import Session
+from proxy.session import Session as ClientSession
 
 if TYPE_CHECKING:
     from proxy.broker import Broker
@@ -64,7 +64,7 @@ class AppServerService(broker_pb2_grpc.AppServerServicer):
             context.set_code(session.ending.code)
             context.set_details(session.ending.details)
 
-    async def _read(self, session: Session, request_iterator: Any) -> None:
+    async def _read(self, session: ClientSession, request_iterator: Any) -> None:
         hub = self.broker.hub
         try:
             async for frame in request_iterator:

@@ -46,5 +46,6 @@ def test_a_stale_module_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "ROOT", fake_root)
     assert gen.stale_outputs() == []
     proto = fake_root / "protos" / "broker.proto"
-    proto.write_text(proto.read_text().replace("message StatusRequest {}", "message StatusRequest { bool verbose = 1; }"))
+    text = proto.read_text().replace("message StatusRequest {}", "message StatusRequest { bool verbose = 1; }")
+    proto.write_text(text)
     assert "broker_pb2.py" in gen.stale_outputs()

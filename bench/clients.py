@@ -1,0 +1,238 @@
+"""One JSON-RPC client, three transports: the same Python code talks to the fake app-server
+over its own stdio pipes (the physical limit) and to the broker over an ``AppServer.Session``
+stream; ``CallClient`` sends the same requests as ``AppServer.Call`` RPCs.
+
+    client = await StdioClient.spawn([python, fake])      # client.process is the child
+    client = await SessionClient.open("unix:/path/s.sock")
+    await client.initialize()
+    client.set_notification_handler(lambda method, params: ...)
+    result = await client.request("account/read", {})  # RpcError on an error response
+    await client.close()
+
+Messages are decoded with the standard ``json`` module on every transport, so the client's
+own cost is the same whichever way the messages travel (adapted from the peer-bench harness)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from protos import broker_pb2, broker_pb2_grpc
+
+_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+_CHUNK = 1 << 16
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 256 << 20)]
+Handler = Callable[[str, dict[str, Any]], None]
+
+
+class RpcError(Exception):
+    def __init__(self, code: int | None, message: str | None, data: Any = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.data = code, message, data
+
+
+class RpcClient:
+    """The transport-independent half: ids, pending futures, dispatch of incoming messages."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 1
+        self._on_notification: Handler | None = None
+        self._closed = False
+
+    # -- to be provided by a transport ---------------------------------------------------
+    async def _write(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the client API ------------------------------------------------------------------
+    def set_notification_handler(self, handler: Handler | None) -> None:
+        self._on_notification = handler
+
+    async def request(self, method: str, params: Any = None) -> Any:
+        if self._closed:
+            raise ConnectionError("client is closed")
+        req_id = self._next_id
+        self._next_id += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = future
+        try:
+            await self._write({"id": req_id, "method": method, "params": params or {}})
+        except (grpc.RpcError, asyncio.InvalidStateError, OSError) as exc:
+            self._pending.pop(req_id, None)
+            raise ConnectionError(f"sending failed: {exc!r}") from None
+        return await future
+
+    async def notify(self, method: str, params: Any = None) -> None:
+        await self._write({"method": method, "params": params or {}})
+
+    async def initialize(self, name: str = "bench", opt_out: list[str] | None = None) -> Any:
+        caps: dict[str, Any] = {"experimentalApi": False}
+        if opt_out:
+            caps["optOutNotificationMethods"] = opt_out
+        result = await self.request("initialize", {"clientInfo": {"name": name, "title": name, "version": "0"},
+                                                   "capabilities": caps})
+        await self.notify("initialized")
+        return result
+
+    # -- incoming ------------------------------------------------------------------------
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "id" in msg and "method" in msg:  # a server->client request: decline it
+            asyncio.get_running_loop().create_task(self._decline(msg))
+        elif "id" in msg:
+            future = self._pending.pop(msg["id"], None)
+            if future is None or future.done():
+                return
+            error = msg.get("error")
+            if error is not None:
+                future.set_exception(RpcError(error.get("code"), error.get("message"), error.get("data")))
+            else:
+                future.set_result(msg.get("result"))
+        elif "method" in msg and self._on_notification is not None:
+            self._on_notification(msg["method"], msg.get("params") or {})
+
+    async def _decline(self, msg: dict[str, Any]) -> None:
+        try:
+            await self._write({"id": msg["id"], "error": {"code": -32601, "message": "not handled by the bench"}})
+        except (grpc.RpcError, asyncio.InvalidStateError, OSError):
+            pass
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+class StdioClient(RpcClient):
+    """JSONL over a child's stdin/stdout: the physical limit."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        super().__init__()
+        self.process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._reader, self._writer = process.stdout, process.stdin
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def spawn(cls, argv: list[str], **kwargs: Any) -> StdioClient:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, limit=_CHUNK, **kwargs)
+        return cls(proc)
+
+    async def _write(self, obj: dict[str, Any]) -> None:
+        self._writer.write(_DUMPS(obj).encode() + b"\n")
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        """EOF to the child (it exits), then stop reading."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        except (OSError, RuntimeError):
+            pass
+        self._read_task.cancel()
+        try:
+            await self._read_task
+        except asyncio.CancelledError:
+            pass
+        self._fail_pending(ConnectionError("client closed"))
+
+    async def _read_loop(self) -> None:
+        buf = b""
+        try:
+            while chunk := await self._reader.read(_CHUNK):
+                buf += chunk
+                if b"\n" not in chunk:
+                    continue
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._dispatch(json.loads(line))
+        except (OSError, ValueError) as exc:
+            self._fail_pending(ConnectionError(f"transport failed: {exc!r}"))
+        finally:
+            self._fail_pending(ConnectionError("connection closed by peer"))
+
+
+class SessionClient(RpcClient):
+    """One AppServer.Session stream over grpc.aio; ServerFrames may carry many messages.
+
+    ``read_delay`` > 0 makes a slow reader: it sleeps that long after every frame."""
+
+    def __init__(self, channel: grpc.aio.Channel, read_delay: float = 0.0):
+        super().__init__()
+        self._channel = channel
+        self._call = broker_pb2_grpc.AppServerStub(channel).Session()
+        self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
+        self.read_delay = read_delay
+        self.frames = 0
+        self.messages = 0
+        self.ended: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, endpoint: str, read_delay: float = 0.0) -> SessionClient:
+        return cls(grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS), read_delay)
+
+    async def _write(self, obj: dict[str, Any]) -> None:
+        async with self._write_lock:
+            await self._call.write(broker_pb2.ClientFrame(message=_DUMPS(obj)))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
+        self._read_task.cancel()
+        try:
+            await self._read_task
+        except asyncio.CancelledError:
+            pass
+        await self._channel.close()
+        self._fail_pending(ConnectionError("client closed"))
+
+    async def _read_loop(self) -> None:
+        status = ("OK", "")
+        try:
+            while (frame := await self._call.read()) is not grpc.aio.EOF:
+                self.frames += 1
+                self.messages += len(frame.messages)
+                for text in frame.messages:
+                    self._dispatch(json.loads(text))
+                if self.read_delay:
+                    await asyncio.sleep(self.read_delay)
+        except grpc.RpcError as exc:
+            status = (exc.code().name, exc.details() or "")  # type: ignore[attr-defined]
+        finally:
+            if not self.ended.done():
+                self.ended.set_result(status)
+            self._fail_pending(ConnectionError(f"session ended: {status[0]} {status[1]}"))
+
+
+class CallClient:
+    """``AppServer.Call``: one unary RPC per request, no Session."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self._channel = channel
+        self._stub = broker_pb2_grpc.AppServerStub(channel)
+
+    @classmethod
+    def open(cls, endpoint: str) -> CallClient:
+        return cls(grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+
+    async def request(self, method: str, params: Any = None) -> Any:
+        reply = await self._stub.Call(broker_pb2.CallRequest(method=method, params_json=_DUMPS(params or {})))
+        if reply.WhichOneof("outcome") == "error":
+            raise RpcError(reply.error.code, reply.error.message)
+        return json.loads(reply.result_json) if reply.result_json else None
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -156,10 +156,10 @@ class AppServerProcess:
     def write_buffer_size(self) -> int:
         return self._stdin.get_write_buffer_size() if self._stdin else 0
 
-    def send(self, text: str) -> None:
+    def send(self, line: bytes) -> None:
         if self._stdin is None or self.stdin_closed:
             raise BrokenPipeError("app-server stdin is closed")
-        self._stdin.write(text.encode() + b"\n")
+        self._stdin.write(line + b"\n")
 
     # -- state ---------------------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ from proxy import __version__, jsonrpc
 from proxy.appserver import AppServerProcess
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
-from proxy.service import AppServerService, BrokerService, status_message
+from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
 
 log = logging.getLogger("codex_broker.proxy")
@@ -127,9 +127,9 @@ class Broker:
     def status(self) -> broker_pb2.BrokerStatus:
         return status_message(self)
 
-    def _send(self, text: str) -> None:
+    def _send(self, line: bytes) -> None:
         assert self.app is not None
-        self.app.send(text)
+        self.app.send(line)
 
     def _stdin_backlog(self) -> int:
         return self.app.write_buffer_size() if self.app else 0
@@ -243,7 +243,7 @@ class Broker:
         if future in done:
             reply = future.result()
             if "error" in reply:
-                raise StartError(f"app-server refused initialize: {jsonrpc.dumps(reply['error'])}")
+                raise StartError(f"app-server refused initialize: {jsonrpc.dumps_text(reply['error'])}")
             self.hub.init_result = reply.get("result")
             self.app.send(jsonrpc.dumps({"method": "initialized"}))
             return
@@ -261,7 +261,7 @@ class Broker:
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.http2.max_ping_strikes", 0)]
         server = grpc.aio.server(options=options)
-        broker_pb2_grpc.add_AppServerServicer_to_server(AppServerService(self), server)
+        add_app_server_service(server, AppServerService(self))
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = (broker_pb2.DESCRIPTOR.services_by_name["AppServer"].full_name,

@@ -94,6 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
+    _tune_malloc()
     try:
         return asyncio.run(Broker(config).run())
     except ConfigError as exc:
@@ -102,6 +103,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except StartError as exc:
         print(f"codex-broker serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _tune_malloc() -> None:
+    """A fixed mmap threshold (glibc): allocations over 4 MiB (a many-MB result passing through)
+    are mapped and returned to the system when freed, instead of raising the dynamic threshold
+    and leaving the heap grown for the rest of the broker's life."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD, above the largest batched frame
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ class ServerRequest:
 
 
 class Hub:
-    def __init__(self, *, send: Callable[[str], None], stdin_backlog: Callable[[], int],
+    def __init__(self, *, send: Callable[[bytes], None], stdin_backlog: Callable[[], int],
                  session_buffer_bytes: int, on_change: Callable[[], None]):
         self._send_line = send
         self._stdin_backlog = stdin_backlog
@@ -235,7 +235,7 @@ class Hub:
         if method == "initialized":
             return  # the broker initialized the app-server once, at start
         if self.gone is None:
-            self._send_line(text)
+            self._send_line(text.encode())
 
     def _client_request(self, session: Session, msg: dict[str, Any], method: str) -> None:
         client_id = msg["id"]
@@ -405,7 +405,7 @@ class Hub:
     def _notification(self, msg: dict[str, Any], method: str, line: bytes) -> None:
         params = msg.get("params")
         thread_id = thread_id_of(params)
-        text = line.decode()
+        text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)
         targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
         for session in list(targets):
             if method not in session.opt_out:

@@ -113,20 +113,23 @@ def _no_constant(name: str) -> Any:
 
 def _loads_exact(data: bytes | str, orjson_error: Exception | None = None) -> Any:
     try:
+        if isinstance(data, bytes):  # UTF-8 only: what passes on unchanged must be UTF-8
+            data = data.decode("utf-8")
         return json.loads(data, parse_float=_number, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(str(orjson_error or exc)) from None
 
 
-def dumps(obj: Any) -> str:
+def dumps(obj: Any) -> bytes:
+    """UTF-8 JSON text: what goes on the app-server's stdin and into ServerFrames."""
     try:
-        return orjson.dumps(obj, default=_fragment).decode()
+        return orjson.dumps(obj, default=_fragment)
     except TypeError:  # an integer wider than 64 bits, or a lone surrogate
         pass
     try:
-        return orjson.dumps(_wide_ints(obj), default=_fragment).decode()
+        return orjson.dumps(_wide_ints(obj), default=_fragment)
     except TypeError:  # a lone surrogate: only a \u escape carries it
-        return json.dumps(obj, separators=(",", ":"), default=lambda o: float(o.text))
+        return json.dumps(obj, separators=(",", ":"), default=lambda o: float(o.text)).encode()
 
 
 def _fragment(obj: Any) -> Any:
@@ -145,7 +148,11 @@ def _wide_ints(obj: Any) -> Any:
     return obj
 
 
-def error_response(req_id: Any, error: dict[str, Any]) -> str:
+def dumps_text(obj: Any) -> str:
+    return dumps(obj).decode()
+
+
+def error_response(req_id: Any, error: dict[str, Any]) -> bytes:
     return dumps({"id": req_id, "error": error})
 
 

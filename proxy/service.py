@@ -30,8 +30,8 @@ def _reply_from(msg: dict[str, Any]) -> broker_pb2.CallReply:
         return broker_pb2.CallReply(error=broker_pb2.JsonRpcError(
             code=code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.INTERNAL_ERROR,
             message=str(err.get("message", "")),
-            data_json=jsonrpc.dumps(err["data"]) if "data" in err else ""))
-    return broker_pb2.CallReply(result_json=jsonrpc.dumps(msg.get("result")))
+            data_json=jsonrpc.dumps_text(err["data"]) if "data" in err else ""))
+    return broker_pb2.CallReply(result_json=jsonrpc.dumps_text(msg.get("result")))
 
 
 class AppServerService(broker_pb2_grpc.AppServerServicer):
@@ -49,8 +49,8 @@ class AppServerService(broker_pb2_grpc.AppServerServicer):
         log.info("session %s opened (%d open)", session.id, len(hub.sessions))
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
-            while (batch := await session.next_batch()) is not None:
-                await context.write(broker_pb2.ServerFrame(messages=batch))
+            while (frame := await session.next_frame()) is not None:
+                await context.write(frame)  # already an encoded ServerFrame (proxy/frames.py)
         except asyncio.CancelledError:
             if session.ending is None or session.ending.code is None:
                 raise  # the client went away, or the server is stopping
@@ -136,3 +136,18 @@ def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
         last_response_at=broker.wall_time(hub.last_response) if hub.last_response else 0.0,
         drain_deadline=broker.drain_deadline_unix, drain_reason=broker.drain_reason,
         idle_timeout_seconds=cfg.idle_timeout)
+
+
+def add_app_server_service(server: grpc.aio.Server, service: AppServerService) -> None:
+    """As the generated add_AppServerServicer_to_server, but Session frames are written
+    pre-encoded (no response serializer): see proxy/frames.py."""
+    handlers = {
+        "Session": grpc.stream_stream_rpc_method_handler(
+            service.Session, request_deserializer=broker_pb2.ClientFrame.FromString, response_serializer=None),
+        "Call": grpc.unary_unary_rpc_method_handler(
+            service.Call, request_deserializer=broker_pb2.CallRequest.FromString,
+            response_serializer=broker_pb2.CallReply.SerializeToString),
+    }
+    name = broker_pb2.DESCRIPTOR.services_by_name["AppServer"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

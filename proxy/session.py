@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from proxy.frames import encode_frame
+
 BATCH_MAX_MESSAGES = 1024
 BATCH_MAX_BYTES = 1 << 20
 # Messages at least this big are tracked one by one: the largest one queued does not count
@@ -47,7 +49,7 @@ class Session:
     server_requests: set[int] = field(default_factory=set)  # local ids sent to it, unanswered
     ending: Ending | None = None
     handler: asyncio.Task[None] | None = None
-    _queue: collections.deque[str] = field(default_factory=collections.deque)
+    _queue: collections.deque[bytes] = field(default_factory=collections.deque)
     _queued_bytes: int = 0
     _large: collections.deque[int] = field(default_factory=collections.deque)  # sizes, in queue order
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,7 +66,7 @@ class Session:
     def finished_work(self) -> bool:
         return not self.pending and not self.turns and not self.starting
 
-    def push(self, text: str) -> None:
+    def push(self, text: bytes) -> None:
         if self.ending is not None:
             return
         backlog = self._queued_bytes - (max(self._large) if self._large else 0)
@@ -88,21 +90,16 @@ class Session:
             self._queued_bytes = 0
         self._wake.set()
 
-    async def next_batch(self) -> list[str] | None:
-        """The next messages to send, oldest first; None when the Session is over."""
+    async def next_frame(self) -> bytes | None:
+        """The next ServerFrame, encoded: the oldest messages, as many as fit a batch; None
+        when the Session is over."""
         while not self._queue:
             if self.ending is not None:
                 return None
             self._wake.clear()
             await self._wake.wait()
         queue = self._queue
-        if len(queue) == 1:
-            text = queue.popleft()
-            self._queued_bytes -= len(text)
-            if len(text) >= LARGE_MESSAGE:
-                self._large.popleft()
-            return [text]
-        batch: list[str] = []
+        batch: list[bytes] = []
         size = 0
         while queue and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
             text = queue.popleft()
@@ -111,4 +108,4 @@ class Session:
             if len(text) >= LARGE_MESSAGE:
                 self._large.popleft()
         self._queued_bytes -= size
-        return batch
+        return encode_frame(batch)

@@ -115,7 +115,8 @@ def format_status(status: Any, now: float | None = None) -> str:
         ("app-server", f"pid {status.app_server_pid} ({'alive' if status.app_server_alive else 'gone'}): "
                        f"{' '.join(status.app_server_command)}"),
         ("last probe", f"{status.last_probe_latency_ms:.2f} ms, {_age(now - status.last_probe_at)} ago"
-         if status.last_probe_at else "none yet"),
+         if status.last_probe_at else "none needed yet"),
+        ("last response", f"{_age(now - status.last_response_at)} ago" if status.last_response_at else "none yet"),
         ("sessions", str(status.open_sessions)),
         ("in-flight turns", str(len(status.in_flight_turns))),
         ("pending requests", str(status.pending_requests)),

@@ -30,6 +30,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mock_responses import MockResponses, write_codex_home
+from proc_support import wait_for as wait_until  # noqa: F401 (re-exported)
 
 from lifecycle.client import BrokerClient, Session
 from lifecycle.ensure import BrokerSession, ensure_broker, workspace_state
@@ -298,17 +299,6 @@ class CodexWorld:
             out.append(f"--- log of broker {tracked.pid} ({tracked.session.log_file}) ---\n"
                        + "\n".join(text.splitlines()[-lines:]))
         return "\n".join(out)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def agent_text(turn: dict[str, Any]) -> str:

@@ -33,13 +33,14 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proc_support import WAIT, gone, processes_with, wait_for, wait_gone  # noqa: F401 (re-exported)
+from proc_support import cmdline as proc_cmdline
 
 from protos import broker_pb2, broker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_app_server.py"
 READY_DEADLINE = 20.0
-WAIT = 30.0  # generous default for waiting on an event
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,55 +65,11 @@ def new_marker() -> str:
 
 
 # -- processes --------------------------------------------------------------------------
-def processes_with(marker: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if any(marker in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Waits until every process has exited (a zombie counts as exited); returns the survivors."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if not gone(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition",
-             interval: float = 0.05) -> Any:
-    """Polls a condition that has no event to wait on; returns its first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def run_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 20.0
@@ -269,13 +226,6 @@ class BrokerProcess:
         wait_gone(left, 5.0)
         shutil.rmtree(self.base, ignore_errors=True)
         return problems
-
-
-def proc_cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:
-        return "?"
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,13 +38,13 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proc_support import WAIT, cmdline, gone, processes_with, wait_for, wait_gone  # noqa: F401 (re-exported)
 
 from lifecycle.client import Session as LifecycleSession
 from protos import broker_pb2, broker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_app_server.py"
-WAIT = 30.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -75,57 +74,6 @@ def open_fds() -> list[str]:
         except OSError:
             continue  # the descriptor listdir itself used
     return out
-
-
-def processes_with(marker: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if any(marker in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def gone(proc: psutil.Process) -> bool:
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Waits until every process has exited (a zombie counts); returns the survivors."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if not gone(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition",
-             interval: float = 0.05) -> Any:
-    """Polls a condition that has no event to wait on; returns its first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:
-        return "?"
 
 
 def health_name(status: int) -> str:

@@ -25,13 +25,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proc_support import processes_with  # noqa: F401 (re-exported)
+from proc_support import wait_for as wait_until  # noqa: F401 (re-exported)
 
 from lifecycle import identity
 from lifecycle.client import BrokerClient, Session
@@ -72,35 +74,6 @@ def wait_exit(proc: psutil.Process, timeout: float = WAIT) -> bool:
     except (psutil.NoSuchProcess, ChildProcessError):
         pass
     return True
-
-
-def processes_with(text: str, *, exact: bool = False) -> list[psutil.Process]:
-    """Live processes of this user with ``text`` in an argument (or as a whole one, ``exact``)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status", "uids"]):
-        info = proc.info
-        try:
-            if info["status"] == psutil.STATUS_ZOMBIE or not info["uids"] or info["uids"].real != os.getuid():
-                continue
-            cmdline = info["cmdline"] or ()
-            if text in cmdline if exact else any(text in part for part in cmdline):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
-            continue
-    return found
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition",
-               interval: float = 0.05) -> Any:
-    """Polls a condition that has no event to wait on; returns its first truthy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def health_watch_until(endpoint: str, wanted: int, timeout: float = WAIT) -> None:

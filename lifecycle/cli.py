@@ -63,6 +63,19 @@ def _recorded(args: argparse.Namespace) -> Any:
     return record
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token for a TCP endpoint, from --token-file."""
+    if not getattr(args, "token_file", None):
+        return None
+    from lifecycle.errors import UsageError
+    from proxy.auth import TokenError, read_token_file
+
+    try:
+        return read_token_file(args.token_file)
+    except TokenError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _endpoint(args: argparse.Namespace) -> str:
     if getattr(args, "endpoint", None):
         return str(args.endpoint)
@@ -135,7 +148,7 @@ def format_status(status: Any, now: float | None = None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from lifecycle.client import BrokerClient
 
-    with BrokerClient(_endpoint(args)) as client:
+    with BrokerClient(_endpoint(args), token=_token(args)) as client:
         status = client.status(timeout=args.timeout)
     if args.json:
         _print_json(status_dict(status))
@@ -154,7 +167,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         print(f"codex-broker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with BrokerClient(endpoint) as client:
+    with BrokerClient(endpoint, token=_token(args)) as client:
         try:
             client.wait_connected(args.connect_timeout)
         except ConnectError as exc:
@@ -201,7 +214,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from lifecycle.client import BrokerClient
     from lifecycle.errors import DrainTimeout
 
-    with BrokerClient(_endpoint(args)) as client:
+    with BrokerClient(_endpoint(args), token=_token(args)) as client:
         pid, create_time = _broker_identity(client)
         reply = client.drain(args.deadline or 0.0, reason=args.reason or "codex-broker drain", force=args.force)
     from protos import broker_pb2
@@ -222,7 +235,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     record = None if args.endpoint else _recorded(args)
     endpoint = args.endpoint if record is None else record.endpoint
-    with BrokerClient(endpoint) as client:
+    with BrokerClient(endpoint, token=_token(args)) as client:
         try:
             pid, create_time = _broker_identity(client)
         except BrokerError:
@@ -325,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         if where in ("cwd", "both"):
             p.add_argument("--cwd", default=None, help="the workspace (default: the current directory)")
         if where == "both":
-            p.add_argument("--endpoint", default=None, help="a broker endpoint (unix:PATH) instead of the workspace's")
+            p.add_argument("--endpoint", default=None,
+                           help="a broker endpoint (unix:PATH or tcp:HOST:PORT) instead of the workspace's")
+            p.add_argument("--token-file", default=None, help="with a tcp: endpoint: the broker's token file")
         return p
 
     serve = command("serve", cmd_serve, "run a broker in the foreground", where="none")

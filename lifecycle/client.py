@@ -50,11 +50,14 @@ def _dumps(obj: Any) -> str:
 
 
 class BrokerClient:
-    """One channel to one broker endpoint (``unix:PATH``)."""
+    """One channel to one broker endpoint: ``unix:PATH``, or ``tcp:HOST:PORT`` with the broker's
+    bearer ``token``."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, *, token: str | None = None):
         self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        target = endpoint[len("tcp:"):] if endpoint.startswith("tcp:") else endpoint
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._app = broker_pb2_grpc.AppServerStub(self.channel)
         self._broker = broker_pb2_grpc.BrokerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -87,14 +90,15 @@ class BrokerClient:
     def health(self, service: str = "", timeout: float = 2.0) -> str:
         """SERVING, NOT_SERVING, ... as grpc.health.v1 names them."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                                        metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._rpc_error(exc, "Health", timeout) from None
         return HEALTH_NAMES.get(reply.status, str(reply.status))
 
     def status(self, timeout: float = 2.0) -> broker_pb2.BrokerStatus:
         try:
-            return self._broker.Status(broker_pb2.StatusRequest(), timeout=timeout)
+            return self._broker.Status(broker_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._rpc_error(exc, "Status", timeout) from None
 
@@ -103,7 +107,7 @@ class BrokerClient:
         """Asks the broker to drain; ``deadline_seconds`` <= 0 means the broker's default."""
         request = broker_pb2.DrainRequest(deadline_seconds=deadline_seconds, reason=reason, force=force)
         try:
-            return self._broker.Drain(request, timeout=timeout)
+            return self._broker.Drain(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._rpc_error(exc, "Drain", timeout) from None
 
@@ -111,7 +115,7 @@ class BrokerClient:
         """One request without a Session; the result, or AppServerError for an error response."""
         request = broker_pb2.CallRequest(method=method, params_json=_dumps(params) if params is not None else "")
         try:
-            reply = self._app.Call(request, timeout=timeout)
+            reply = self._app.Call(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._rpc_error(exc, f"Call {method}", timeout) from None
         if reply.WhichOneof("outcome") == "error":
@@ -120,20 +124,20 @@ class BrokerClient:
         return _loads(reply.result_json) if reply.result_json else None
 
     def session(self) -> Session:
-        return Session(self._app)
+        return Session(self._app, self._metadata)
 
 
 class Session:
     """One AppServer.Session stream: JSON-RPC requests, notifications and server requests."""
 
-    def __init__(self, stub: broker_pb2_grpc.AppServerStub):
+    def __init__(self, stub: broker_pb2_grpc.AppServerStub, metadata: Any = None):
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._events: queue.Queue[Any] = queue.Queue()
         self._pending: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.closed: SessionClosed | None = None
-        self._call = stub.Session(self._frames())
+        self._call = stub.Session(self._frames(), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="broker-session", daemon=True)
         self._reader.start()
 

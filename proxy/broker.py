@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import broker_pb2, broker_pb2_grpc
 from proxy import __version__, jsonrpc
 from proxy.appserver import AppServerProcess
+from proxy.auth import BearerTokenInterceptor, TokenError, is_loopback, read_token_file
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
@@ -63,15 +64,43 @@ class ServeConfig:
     codex_home: str = field(default_factory=lambda: os.path.realpath(
         os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")))
 
+    token_file: str | None = None
+    allow_remote: bool = False
+
     @property
-    def socket_path(self) -> str:
-        return parse_endpoint(self.endpoint)
+    def is_tcp(self) -> bool:
+        return self.endpoint.startswith("tcp:")
+
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket path; None for a TCP endpoint."""
+        return None if self.is_tcp else parse_endpoint(self.endpoint)
+
+    def validate(self) -> None:
+        """ConfigError for an endpoint that must not be served (before anything starts)."""
+        if not self.is_tcp:
+            parse_endpoint(self.endpoint)
+            return
+        host, _ = parse_tcp_endpoint(self.endpoint)
+        if not self.token_file:
+            raise ConfigError(f"TCP endpoint {self.endpoint} needs --token-file (every RPC but Health is "
+                              "authenticated with its bearer token)")
+        if not is_loopback(host) and not self.allow_remote:
+            raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
+
+
+def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6); port 0 picks a free one."""
+    host, sep, port = endpoint[len("tcp:"):].rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bad endpoint {endpoint!r}: expected tcp:HOST:PORT")
+    return host, int(port)
 
 
 def parse_endpoint(endpoint: str) -> str:
     """The absolute socket path of a ``unix:PATH`` (or ``unix://ABSPATH``) endpoint."""
     if not endpoint.startswith("unix:"):
-        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH")
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH or tcp:HOST:PORT")
     path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint[len("unix:"):]
     if not path:
         raise ConfigError(f"bad endpoint {endpoint!r}: empty socket path")
@@ -106,6 +135,7 @@ class Broker:
         self._created_dir: str | None = None
         self._idle_since: float | None = None
         self._signals = 0
+        self._token: str | None = None
         self._starting: asyncio.Task[None] | None = None
 
     # -- small facts ---------------------------------------------------------------------
@@ -179,7 +209,16 @@ class Broker:
             raise
 
     def _prepare_paths(self) -> None:
+        self.config.validate()
+        if self.config.token_file:
+            try:
+                self._token = read_token_file(self.config.token_file)
+            except TokenError as exc:
+                raise ConfigError(str(exc)) from None
         sock = self.config.socket_path
+        if sock is None:
+            self._check_pid_file()
+            return
         directory = os.path.dirname(sock)
         if os.path.lexists(sock):
             raise ConfigError(f"socket path is already in use: {sock} (another broker may be serving it)")
@@ -199,6 +238,9 @@ class Broker:
                               ) from None
         except PermissionError as exc:
             raise ConfigError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        self._check_pid_file()
+
+    def _check_pid_file(self) -> None:
         if self.config.pid_file and os.path.lexists(self.config.pid_file):
             pid = _read_pid(self.config.pid_file)
             if pid is not None and psutil.pid_exists(pid) and pid != os.getpid():
@@ -260,7 +302,8 @@ class Broker:
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.http2.max_ping_strikes", 0)]
-        server = grpc.aio.server(options=options)
+        interceptors = [BearerTokenInterceptor(self._token)] if self._token else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         add_app_server_service(server, AppServerService(self))
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
@@ -269,11 +312,19 @@ class Broker:
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        try:
-            server.add_insecure_port(f"unix:{cfg.socket_path}")
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {cfg.endpoint}: {exc}") from None
-        os.chmod(cfg.socket_path, 0o600)
+        if cfg.socket_path is None:
+            host, port = parse_tcp_endpoint(cfg.endpoint)
+            try:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on {cfg.endpoint}: {exc}") from None
+            cfg.endpoint = f"tcp:{host}:{bound}"  # the port chosen when 0 was asked for
+        else:
+            try:
+                server.add_insecure_port(f"unix:{cfg.socket_path}")
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on {cfg.endpoint}: {exc}") from None
+            os.chmod(cfg.socket_path, 0o600)
         await server.start()
         self.server = server
         if cfg.pid_file:

@@ -51,7 +51,12 @@ def _positive(text: str) -> float:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", required=True, help="where to listen: unix:PATH (a fresh directory is created 0700)")
+    p.add_argument("--endpoint", required=True,
+                   help="where to listen: unix:PATH (a fresh directory is created 0700), or tcp:HOST:PORT "
+                        "(needs --token-file; loopback unless --allow-remote)")
+    p.add_argument("--token-file", default=None,
+                   help="TCP only: a 0600 file with the bearer token every RPC but Health must carry")
+    p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
     p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
     p.add_argument("--app-server", default=None,
                    help="app-server command, split shell-style (default: $CODEX_BROKER_APP_SERVER or "
@@ -87,7 +92,9 @@ def run_serve(args: argparse.Namespace) -> int:
                              idle_timeout=args.idle_timeout, session_buffer_bytes=args.session_buffer)
         if args.instance_id:
             config.instance_id = args.instance_id
-        config.socket_path  # noqa: B018 - validates the endpoint before anything starts
+        config.token_file = os.path.abspath(args.token_file) if args.token_file else None
+        config.allow_remote = args.allow_remote
+        config.validate()  # before anything starts
     except ConfigError as exc:
         print(f"codex-broker serve: {exc}", file=sys.stderr)
         return 2

@@ -27,21 +27,17 @@ from lifecycle.client import CHANNEL_OPTIONS, BrokerClient
 from lifecycle.decide import resolve_codex_home
 from lifecycle.errors import BrokerError, SpawnError, SpawnTimeout, StateError, UsageError
 from lifecycle.state import BrokerRecord, WorkspaceState
+from proxy.cli import split_app_server
 
-DEFAULT_APP_SERVER = "codex app-server"
 LOGS_KEPT = 10
 
 
 def app_server_command(env: Mapping[str, str]) -> list[str]:
-    """CODEX_BROKER_APP_SERVER (split shell-style), else ``codex app-server``."""
-    text = env.get("CODEX_BROKER_APP_SERVER") or DEFAULT_APP_SERVER
+    """The app-server command spawned brokers run: the same rule as ``serve`` (proxy.cli)."""
     try:
-        argv = shlex.split(text)
+        return split_app_server(None, env)
     except ValueError as exc:
-        raise UsageError(f"CODEX_BROKER_APP_SERVER is not a valid command line ({exc}): {text!r}") from None
-    if not argv:
-        raise UsageError("CODEX_BROKER_APP_SERVER is empty")
-    return argv
+        raise UsageError(f"CODEX_BROKER_APP_SERVER: {exc}") from None
 
 
 def runtime_dir(env: Mapping[str, str]) -> Path:

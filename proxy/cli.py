@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 
 DEFAULT_APP_SERVER = "codex app-server"
 
@@ -31,16 +32,25 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
-def app_server_command(flag: str | None) -> list[str]:
-    """--app-server, else CODEX_BROKER_APP_SERVER, else `codex app-server`; split shell-style."""
-    text = flag if flag is not None else os.environ.get("CODEX_BROKER_APP_SERVER") or DEFAULT_APP_SERVER
+def split_app_server(flag: str | None, env: Mapping[str, str]) -> list[str]:
+    """The one rule for the app-server command, shared by `serve` and the brokers lifecycle
+    spawns: the flag, else CODEX_BROKER_APP_SERVER, else `codex app-server`; split shell-style.
+    ValueError (naming the problem) for text that is not a command line."""
+    text = flag if flag is not None else env.get("CODEX_BROKER_APP_SERVER") or DEFAULT_APP_SERVER
     try:
         argv = shlex.split(text)
     except ValueError as exc:
-        raise SystemExit(f"codex-broker serve: bad app-server command {text!r}: {exc}") from None
+        raise ValueError(f"not a valid command line ({exc}): {text!r}") from None
     if not argv:
-        raise SystemExit("codex-broker serve: empty app-server command")
+        raise ValueError("empty command")
     return argv
+
+
+def app_server_command(flag: str | None) -> list[str]:
+    try:
+        return split_app_server(flag, os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"codex-broker serve: bad app-server command: {exc}") from None
 
 
 def _positive(text: str) -> float:

@@ -68,7 +68,7 @@ def _token(args: argparse.Namespace) -> str | None:
     if not getattr(args, "token_file", None):
         return None
     from lifecycle.errors import UsageError
-    from proxy.auth import TokenError, read_token_file
+    from proxy.config import TokenError, read_token_file
 
     try:
         return read_token_file(args.token_file)

@@ -2,42 +2,28 @@
 split its stdout into lines, tee its stderr into the broker log while keeping a tail, write
 to its stdin, and stop it with escalation (close stdin, SIGTERM, SIGKILL; the whole group).
 
-Reading is a SubprocessProtocol rather than a StreamReader: every chunk is split and handed
-to the hub synchronously, so a burst of notifications costs no await per line."""
+The child is a plain ``subprocess.Popen`` (see ``proxy.child``; `serve` spawns it before the
+broker's heavy imports) whose pipes are attached to the event loop here. Reading is a protocol
+rather than a StreamReader: every chunk is split and handed to the hub synchronously, so a
+burst of notifications costs no await per line. The exit is watched on a pidfd."""
 from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
+import functools
 import logging
 import os
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+
+from proxy import child as child_process
 
 log = logging.getLogger("codex_broker.proxy")
 
-PR_SET_PDEATHSIG = 1
 STDERR_TAIL_LINES = 40
-
-try:
-    _libc: Any = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
-
-
-def _child_setup(parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with the broker (Linux), even by SIGKILL."""
-    prctl = getattr(_libc, "prctl", None)
-
-    def setup() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent_pid:  # the broker died before prctl took effect
-                os._exit(1)
-
-    return setup
 
 
 class LineSplitter:
@@ -89,22 +75,29 @@ class LineSplitter:
             self._buf.clear()
 
 
-class _Protocol(asyncio.SubprocessProtocol):
-    def __init__(self, child: AppServerProcess):
-        self.child = child
+class _ReadSide(asyncio.Protocol):
+    """stdout (fd 1) or stderr (fd 2) of the child."""
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
+    def __init__(self, child: AppServerProcess, fd: int):
+        self.child = child
+        self.fd = fd
+
+    def data_received(self, data: bytes) -> None:
+        if self.fd == 1:
             self.child._stdout.feed(data)
         else:
             self.child._on_stderr(data)
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:
+    def eof_received(self) -> None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.fd == 1:
             self.child._stdout_closed.set()
 
-    def process_exited(self) -> None:
-        self.child._exited.set()
+
+class _WriteSide(asyncio.BaseProtocol):
+    """stdin of the child: the hub watches the transport's buffer size, no flow control here."""
 
 
 class AppServerProcess:
@@ -120,21 +113,55 @@ class AppServerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stdout_closed = asyncio.Event()
         self._exited = asyncio.Event()
-        self._transport: asyncio.SubprocessTransport | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._pipes: list[asyncio.BaseTransport] = []
         self._stdin: asyncio.WriteTransport | None = None
         self.pid: int | None = None
         self.stdin_closed = False
 
-    async def start(self) -> None:
-        """Spawns the child. FileNotFoundError / PermissionError when the command cannot run."""
+    async def start(self, child: subprocess.Popen[bytes] | None = None) -> None:
+        """Takes over ``child`` (from ``proxy.child.spawn``), or spawns one: ConfigError when the
+        command cannot run. On any failure here the child is killed."""
+        if child is None:
+            child = child_process.spawn(self.argv, cwd=self.cwd, env=self.env)
+        assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+        self._popen, self.pid = child, child.pid
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.subprocess_exec(
-            lambda: _Protocol(self), *self.argv, cwd=self.cwd, env=self.env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=_child_setup(os.getpid()))
-        self._transport = transport
-        self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
-        self.pid = transport.get_pid()
+        try:
+            stdin, _ = await loop.connect_write_pipe(_WriteSide, child.stdin)
+            self._stdin = stdin
+            self._pipes.append(stdin)
+            for fd, pipe in ((1, child.stdout), (2, child.stderr)):
+                transport, _ = await loop.connect_read_pipe(functools.partial(_ReadSide, self, fd), pipe)
+                self._pipes.append(transport)
+            self._watch_exit(loop, child)
+        except BaseException:
+            for pipe_transport in self._pipes:
+                pipe_transport.close()
+            child_process.kill(child)
+            self._exited.set()
+            raise
+
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop, child: subprocess.Popen[bytes]) -> None:
+        """``_exited`` is set once the child has exited and is reaped: a pidfd becomes readable
+        on exit; where there is none (kernel older than 5.3), a thread waits."""
+        try:
+            pidfd = os.pidfd_open(child.pid)
+        except (AttributeError, OSError):
+            def wait() -> None:
+                child.wait()
+                loop.call_soon_threadsafe(self._exited.set)
+
+            threading.Thread(target=wait, name="app-server-wait", daemon=True).start()
+            return
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            child.wait()  # it has exited: reaps at once
+            self._exited.set()
+
+        loop.add_reader(pidfd, exited)
 
     # -- output of the child -------------------------------------------------------------
     def _on_oversized(self, size: int) -> None:
@@ -164,11 +191,11 @@ class AppServerProcess:
     # -- state ---------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._transport is not None and not self._exited.is_set()
+        return self._popen is not None and not self._exited.is_set()
 
     @property
     def returncode(self) -> int | None:
-        return self._transport.get_returncode() if self._transport else None
+        return self._popen.returncode if self._popen is not None and self._exited.is_set() else None
 
     def describe_exit(self) -> str:
         code = self.returncode
@@ -207,7 +234,7 @@ class AppServerProcess:
 
     async def stop(self, *, polite_wait: float = 2.0, term_wait: float = 2.0) -> int | None:
         """Close stdin, wait; SIGTERM the group, wait; SIGKILL the group; always reap."""
-        if self._transport is None:
+        if self._popen is None:
             return None
         self.close_stdin()
         for sig, wait in ((signal.SIGTERM, polite_wait), (signal.SIGKILL, term_wait)):
@@ -225,5 +252,6 @@ class AppServerProcess:
             await asyncio.wait_for(self._stdout_closed.wait(), 1.0)
         except TimeoutError:
             pass
-        self._transport.close()
+        for pipe_transport in self._pipes:
+            pipe_transport.close()
         return self.returncode

@@ -6,44 +6,14 @@ token is asked for.)"""
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import os
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from proxy.config import TokenError, is_loopback, read_token_file  # noqa: F401 - this module's API too
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-
-
-class TokenError(ValueError):
-    """A token file that must not be used."""
-
-
-def read_token_file(path: str) -> str:
-    """The token in ``path``: the file must be ours, a regular file, and mode 0600 or stricter."""
-    try:
-        st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise TokenError(f"unsafe token file {path}: it must be a regular file owned by you with mode 0600 "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
-    if len(token) < 16:
-        raise TokenError(f"token in {path} is too short (at least 16 characters)")
-    return token
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -11,11 +11,8 @@ import asyncio
 import logging
 import os
 import signal
-import stat
+import subprocess
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,8 +22,18 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy import __version__, jsonrpc
+from proxy import child as child_process
 from proxy.appserver import AppServerProcess
-from proxy.auth import BearerTokenInterceptor, TokenError, is_loopback, read_token_file
+from proxy.auth import BearerTokenInterceptor
+from proxy.config import (  # noqa: F401 - ConfigError, StartError and the endpoint parsers are this module's API too
+    MAX_SOCKET_PATH,
+    BrokerFiles,
+    ConfigError,
+    ServeConfig,
+    StartError,
+    parse_endpoint,
+    parse_tcp_endpoint,
+)
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
@@ -34,85 +41,20 @@ from proxy.session import Ending
 
 log = logging.getLogger("codex_broker.proxy")
 
-MAX_SOCKET_PATH = 107
 INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their turn/completed
 FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
 SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
 S = broker_pb2
 
 
-class ConfigError(Exception):
-    """Bad input to `serve`: reported as one line, exit code 2."""
-
-
-@dataclass
-class ServeConfig:
-    endpoint: str
-    app_server: list[str]
-    cwd: str = field(default_factory=os.getcwd)
-    pid_file: str | None = None
-    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    probe_method: str = "thread/loaded/list"
-    probe_interval: float = 1.0
-    probe_timeout: float = 3.0
-    drain_deadline: float = 3600.0
-    idle_timeout: float = 1800.0
-    start_timeout: float = 60.0
-    session_buffer_bytes: int = 8 << 20
-    max_message_bytes: int = 64 << 20
-    max_line_bytes: int = 256 << 20
-    codex_home: str = field(default_factory=lambda: os.path.realpath(
-        os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")))
-
-    token_file: str | None = None
-    allow_remote: bool = False
-
-    @property
-    def is_tcp(self) -> bool:
-        return self.endpoint.startswith("tcp:")
-
-    @property
-    def socket_path(self) -> str | None:
-        """The unix socket path; None for a TCP endpoint."""
-        return None if self.is_tcp else parse_endpoint(self.endpoint)
-
-    def validate(self) -> None:
-        """ConfigError for an endpoint that must not be served (before anything starts)."""
-        if not self.is_tcp:
-            parse_endpoint(self.endpoint)
-            return
-        host, _ = parse_tcp_endpoint(self.endpoint)
-        if not self.token_file:
-            raise ConfigError(f"TCP endpoint {self.endpoint} needs --token-file (every RPC but Health is "
-                              "authenticated with its bearer token)")
-        if not is_loopback(host) and not self.allow_remote:
-            raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
-
-
-def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
-    """(host, port) of ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6); port 0 picks a free one."""
-    host, sep, port = endpoint[len("tcp:"):].rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"bad endpoint {endpoint!r}: expected tcp:HOST:PORT")
-    return host, int(port)
-
-
-def parse_endpoint(endpoint: str) -> str:
-    """The absolute socket path of a ``unix:PATH`` (or ``unix://ABSPATH``) endpoint."""
-    if not endpoint.startswith("unix:"):
-        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH or tcp:HOST:PORT")
-    path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint[len("unix:"):]
-    if not path:
-        raise ConfigError(f"bad endpoint {endpoint!r}: empty socket path")
-    path = os.path.abspath(path)
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise ConfigError(f"socket path too long ({len(path.encode())} bytes, limit {MAX_SOCKET_PATH}): {path}")
-    return path
-
-
 class Broker:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, *, files: BrokerFiles | None = None,
+                 child: subprocess.Popen[bytes] | None = None):
+        """``files`` already prepared and ``child`` already spawned let `serve` do both while
+        this module was still importing; without them, ``run`` does both."""
         self.config = config
+        self.files = files or BrokerFiles(config)
+        self._child = child
         self.version = __version__
         self.state = S.BROKER_STATE_STARTING
         self.started_at = time.time()
@@ -132,10 +74,8 @@ class Broker:
         self._stop = asyncio.Event()
         self._exit_code = 0
         self._tasks: list[asyncio.Task[Any]] = []
-        self._created_dir: str | None = None
         self._idle_since: float | None = None
         self._signals = 0
-        self._token: str | None = None
         self._starting: asyncio.Task[None] | None = None
 
     # -- small facts ---------------------------------------------------------------------
@@ -177,7 +117,8 @@ class Broker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self._prepare_paths()
+        if not self.files.prepared:
+            self.files.prepare()
         self._starting = asyncio.create_task(self._start(), name="start")
         try:
             await self._starting
@@ -205,63 +146,18 @@ class Broker:
         except BaseException:
             if self.app is not None:
                 await self.app.stop(polite_wait=0.5, term_wait=1.0)
-            self._remove_files()
+            elif self._child is not None:
+                child_process.kill(self._child)
+            self.files.remove()
             raise
-
-    def _prepare_paths(self) -> None:
-        self.config.validate()
-        if self.config.token_file:
-            try:
-                self._token = read_token_file(self.config.token_file)
-            except TokenError as exc:
-                raise ConfigError(str(exc)) from None
-        sock = self.config.socket_path
-        if sock is None:
-            self._check_pid_file()
-            return
-        directory = os.path.dirname(sock)
-        if os.path.lexists(sock):
-            raise ConfigError(f"socket path is already in use: {sock} (another broker may be serving it)")
-        try:
-            os.mkdir(directory, 0o700)
-            self._created_dir = directory
-        except FileExistsError:
-            st = os.stat(directory)
-            if not stat.S_ISDIR(st.st_mode):
-                raise ConfigError(f"not a directory: {directory}") from None
-            if st.st_uid != os.getuid() or st.st_mode & 0o077:
-                raise ConfigError(f"unsafe socket directory {directory}: it must be owned by you and closed to "
-                                  f"group and others (mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})"
-                                  ) from None
-        except FileNotFoundError:
-            raise ConfigError(f"parent directory of the socket does not exist: {os.path.dirname(directory)}"
-                              ) from None
-        except PermissionError as exc:
-            raise ConfigError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-        self._check_pid_file()
-
-    def _check_pid_file(self) -> None:
-        if self.config.pid_file and os.path.lexists(self.config.pid_file):
-            pid = _read_pid(self.config.pid_file)
-            if pid is not None and psutil.pid_exists(pid) and pid != os.getpid():
-                self._remove_files()
-                raise ConfigError(f"pid file {self.config.pid_file} names a running process ({pid})")
 
     async def _start_app_server(self) -> None:
         cfg = self.config
-        self.app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_line=self.hub.from_app_server,
-                                    max_line=cfg.max_line_bytes)
-        try:
-            await self.app.start()
-        except FileNotFoundError:
-            self.app = None
-            raise ConfigError(f"app-server command not found: {cfg.app_server[0]}") from None
-        except PermissionError:
-            self.app = None
-            raise ConfigError(f"app-server command is not executable: {cfg.app_server[0]}") from None
-        except NotADirectoryError:
-            self.app = None
-            raise ConfigError(f"--cwd is not a directory: {cfg.cwd}") from None
+        app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_line=self.hub.from_app_server,
+                               max_line=cfg.max_line_bytes)
+        child, self._child = self._child, None
+        await app.start(child)  # ConfigError when the command cannot run; the child is gone on failure
+        self.app = app
         try:
             self.app_server_create_time_ms = int(psutil.Process(self.app.pid).create_time() * 1000)
         except psutil.Error:
@@ -302,7 +198,7 @@ class Broker:
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.http2.max_ping_strikes", 0)]
-        interceptors = [BearerTokenInterceptor(self._token)] if self._token else []
+        interceptors = [BearerTokenInterceptor(self.files.token)] if self.files.token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         add_app_server_service(server, AppServerService(self))
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
@@ -327,8 +223,7 @@ class Broker:
             os.chmod(cfg.socket_path, 0o600)
         await server.start()
         self.server = server
-        if cfg.pid_file:
-            _write_pid(cfg.pid_file)
+        self.files.write_pid()
 
     # -- events --------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
@@ -461,39 +356,5 @@ class Broker:
         if self.server is not None:
             await self.server.stop(None)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._remove_files()
+        self.files.remove()
         log.info("stopped exit_code=%d", self._exit_code)
-
-    def _remove_files(self) -> None:
-        cfg = self.config
-        for path in (cfg.socket_path, cfg.pid_file):
-            if path and os.path.lexists(path):
-                if path == cfg.pid_file and _read_pid(path) not in (os.getpid(), None):
-                    continue  # not ours
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-        if self._created_dir is not None:
-            try:
-                os.rmdir(self._created_dir)
-            except OSError:
-                pass
-
-
-class StartError(Exception):
-    """The app-server could not be started or initialized: exit code 1."""
-
-
-def _read_pid(path: str) -> int | None:
-    try:
-        return int(Path(path).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_pid(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)

@@ -5,10 +5,10 @@ initialized, 2 bad input (missing app-server binary, bad endpoint, occupied path
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -104,10 +104,21 @@ def tune_grpc(env: dict[str, str] | os._Environ[str]) -> None:
         env["GRPC_EXPERIMENTS"] = ",".join([current, *extra] if current else extra)
 
 
+class _EarlySignal(Exception):
+    """SIGTERM/SIGINT before the broker's own handlers are installed."""
+
+
+def _raise_early_signal(signum: int, _frame: object) -> None:
+    raise _EarlySignal(signum)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    """Checks everything it can and spawns the app-server before importing the broker (grpc,
+    protobuf, asyncio: most of a start), so the app-server starts while they load."""
     if "grpc" not in sys.modules:
-        tune_grpc(os.environ)
-    from proxy.broker import Broker, ConfigError, ServeConfig, StartError
+        tune_grpc(os.environ)  # before the app-server is spawned: it inherits the same environment
+    from proxy import child as child_process
+    from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
     setup_logging()
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
@@ -124,22 +135,46 @@ def run_serve(args: argparse.Namespace) -> int:
             config.instance_id = args.instance_id
         config.token_file = os.path.abspath(args.token_file) if args.token_file else None
         config.allow_remote = args.allow_remote
-        config.validate()  # before anything starts
-    except ConfigError as exc:
-        print(f"codex-broker serve: {exc}", file=sys.stderr)
-        return 2
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
-    _tune_malloc()
+    files = BrokerFiles(config)
+    previous = {sig: signal.signal(sig, _raise_early_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    child = None
     try:
-        return asyncio.run(Broker(config).run())
-    except ConfigError as exc:
-        print(f"codex-broker serve: {exc}", file=sys.stderr)
-        return 2
-    except StartError as exc:
-        print(f"codex-broker serve: {exc}", file=sys.stderr)
-        return 1
+        try:
+            files.prepare()  # before anything starts; leaves nothing behind when it refuses
+            try:
+                child = child_process.spawn(config.app_server, cwd=config.cwd)
+            except ConfigError:
+                files.remove()
+                raise
+            logging.getLogger("codex_broker.proxy").info("app-server started pid=%d", child.pid)
+        except ConfigError as exc:
+            print(f"codex-broker serve: {exc}", file=sys.stderr)
+            return 2
+        _tune_malloc()
+        from proxy.broker import Broker  # the app-server starts meanwhile
+
+        try:
+            import asyncio
+
+            return asyncio.run(Broker(config, files=files, child=child).run())
+        except ConfigError as exc:
+            print(f"codex-broker serve: {exc}", file=sys.stderr)
+            return 2
+        except StartError as exc:
+            print(f"codex-broker serve: {exc}", file=sys.stderr)
+            return 1
+    except _EarlySignal as exc:
+        logging.getLogger("codex_broker.proxy").info("stopped by %s before ready", signal.Signals(exc.args[0]).name)
+        files.remove()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child is not None:
+            child_process.kill(child)  # a no-op when the broker stopped it (always, but for a crash)
 
 
 def _tune_malloc() -> None:

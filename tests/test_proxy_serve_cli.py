@@ -9,11 +9,14 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from conftest import (
+    ROOT,
     SERVING,
     error_lines,
     fake_command,
@@ -183,3 +186,32 @@ def test_serving_broker_runs_with_the_tuned_grpc_experiments(broker):
     with open(f"/proc/{b.app_server.pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     assert b"-event_engine_listener" in env.get(b"GRPC_EXPERIMENTS", b"").split(b",")
+
+
+def test_sigterm_right_after_the_app_server_is_spawned_exits_0_and_leaves_nothing(base):
+    """`serve` spawns the app-server before it loads grpc; a SIGTERM then (or a moment later,
+    once the broker runs: the outcome must be the same) stops both and leaves nothing."""
+    sock_dir = os.path.join(base, "d")
+    marker = new_marker()
+    with subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--endpoint", f"unix:{sock_dir}/s.sock",
+                           "--app-server", fake_command(marker=marker)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "app-server started pid=" in line:
+                    app = psutil.Process(int(line.rsplit("pid=", 1)[1].split()[0]))
+                    break
+            else:
+                pytest.fail(f"no 'app-server started' line; exit {proc.wait()}")
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stderr.read()
+            assert proc.wait(20) == 0, rest
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "Traceback" not in rest, rest
+    assert not os.path.exists(sock_dir)
+    assert not wait_gone([app], 5)
+    assert not processes_with(marker)

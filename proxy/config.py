@@ -1,0 +1,210 @@
+"""What `serve` checks and prepares before anything starts: the configuration, the endpoint,
+the token file, the socket's directory and the pid file.
+
+Nothing here imports grpc or asyncio, so `serve` can settle all of it, and spawn the
+app-server, while the heavier modules are still loading."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_SOCKET_PATH = 107
+
+
+class ConfigError(Exception):
+    """Bad input to `serve`: reported as one line, exit code 2."""
+
+
+class StartError(Exception):
+    """The app-server could not be started or initialized: exit code 1."""
+
+
+class TokenError(ValueError):
+    """A token file that must not be used."""
+
+
+@dataclass
+class ServeConfig:
+    endpoint: str
+    app_server: list[str]
+    cwd: str = field(default_factory=os.getcwd)
+    pid_file: str | None = None
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    probe_method: str = "thread/loaded/list"
+    probe_interval: float = 1.0
+    probe_timeout: float = 3.0
+    drain_deadline: float = 3600.0
+    idle_timeout: float = 1800.0
+    start_timeout: float = 60.0
+    session_buffer_bytes: int = 8 << 20
+    max_message_bytes: int = 64 << 20
+    max_line_bytes: int = 256 << 20
+    codex_home: str = field(default_factory=lambda: os.path.realpath(
+        os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")))
+
+    token_file: str | None = None
+    allow_remote: bool = False
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.endpoint.startswith("tcp:")
+
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket path; None for a TCP endpoint."""
+        return None if self.is_tcp else parse_endpoint(self.endpoint)
+
+    def validate(self) -> None:
+        """ConfigError for an endpoint that must not be served (before anything starts)."""
+        if not self.is_tcp:
+            parse_endpoint(self.endpoint)
+            return
+        host, _ = parse_tcp_endpoint(self.endpoint)
+        if not self.token_file:
+            raise ConfigError(f"TCP endpoint {self.endpoint} needs --token-file (every RPC but Health is "
+                              "authenticated with its bearer token)")
+        if not is_loopback(host) and not self.allow_remote:
+            raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
+
+
+def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6); port 0 picks a free one."""
+    host, sep, port = endpoint[len("tcp:"):].rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bad endpoint {endpoint!r}: expected tcp:HOST:PORT")
+    return host, int(port)
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """The absolute socket path of a ``unix:PATH`` (or ``unix://ABSPATH``) endpoint."""
+    if not endpoint.startswith("unix:"):
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH or tcp:HOST:PORT")
+    path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint[len("unix:"):]
+    if not path:
+        raise ConfigError(f"bad endpoint {endpoint!r}: empty socket path")
+    path = os.path.abspath(path)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(f"socket path too long ({len(path.encode())} bytes, limit {MAX_SOCKET_PATH}): {path}")
+    return path
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path``: the file must be ours, a regular file, and mode 0600 or stricter."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise TokenError(f"unsafe token file {path}: it must be a regular file owned by you with mode 0600 "
+                         f"(mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+    if len(token) < 16:
+        raise TokenError(f"token in {path} is too short (at least 16 characters)")
+    return token
+
+
+class BrokerFiles:
+    """The broker's footprint on disk: the socket's private directory (created when missing),
+    the socket, the pid file; ``prepare`` checks and creates, ``remove`` takes away only what
+    is ours."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.token: str | None = None
+        self.prepared = False
+        self._created_dir: str | None = None
+
+    def prepare(self) -> None:
+        """ConfigError (having left nothing behind) when the broker must not start here."""
+        cfg = self.config
+        cfg.validate()
+        if cfg.token_file:
+            try:
+                self.token = read_token_file(cfg.token_file)
+            except TokenError as exc:
+                raise ConfigError(str(exc)) from None
+        sock = cfg.socket_path
+        if sock is not None:
+            self._prepare_socket_dir(sock)
+        self._check_pid_file()
+        self.prepared = True
+
+    def _prepare_socket_dir(self, sock: str) -> None:
+        directory = os.path.dirname(sock)
+        if os.path.lexists(sock):
+            raise ConfigError(f"socket path is already in use: {sock} (another broker may be serving it)")
+        try:
+            os.mkdir(directory, 0o700)
+            self._created_dir = directory
+        except FileExistsError:
+            st = os.stat(directory)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"not a directory: {directory}") from None
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise ConfigError(f"unsafe socket directory {directory}: it must be owned by you and closed to "
+                                  f"group and others (mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})"
+                                  ) from None
+        except FileNotFoundError:
+            raise ConfigError(f"parent directory of the socket does not exist: {os.path.dirname(directory)}"
+                              ) from None
+        except PermissionError as exc:
+            raise ConfigError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+
+    def _check_pid_file(self) -> None:
+        path = self.config.pid_file
+        if path and os.path.lexists(path):
+            pid = read_pid(path)
+            if pid is not None and pid != os.getpid() and _pid_exists(pid):
+                self.remove()
+                raise ConfigError(f"pid file {path} names a running process ({pid})")
+
+    def write_pid(self) -> None:
+        path = self.config.pid_file
+        if path:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, path)
+
+    def remove(self) -> None:
+        cfg = self.config
+        for path in (cfg.socket_path, cfg.pid_file):
+            if path and os.path.lexists(path):
+                if path == cfg.pid_file and read_pid(path) not in (os.getpid(), None):
+                    continue  # not ours
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if self._created_dir is not None:
+            try:
+                os.rmdir(self._created_dir)
+            except OSError:
+                pass
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    import psutil  # only when a pid file is in the way
+
+    return psutil.pid_exists(pid)

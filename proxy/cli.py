@@ -86,24 +86,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Session further behind than this is dropped (default 8 MiB)")
 
 
-# grpc core experiments the broker turns off, unless GRPC_EXPERIMENTS already names them.
-# event_engine_listener: with it, a server's sockets are read by EventEngine's own threads and
-# every message crosses one more thread on its way to the asyncio loop; without it, the thread
-# that polls the completion queue reads the socket itself. Measured on the broker (docs/BENCHMARKS.md):
-# ~20 % off a Session's unary round trip.
-GRPC_EXPERIMENTS_OFF = ("event_engine_listener",)
-
-
-def tune_grpc(env: dict[str, str] | os._Environ[str]) -> None:
-    """Set GRPC_EXPERIMENTS for the broker's grpc core; must run before grpc is first imported.
-    Experiments the user already names there (on or off) are left as the user set them."""
-    current = env.get("GRPC_EXPERIMENTS", "")
-    named = {item.strip().lstrip("-") for item in current.split(",") if item.strip()}
-    extra = [f"-{name}" for name in GRPC_EXPERIMENTS_OFF if name not in named]
-    if extra:
-        env["GRPC_EXPERIMENTS"] = ",".join([current, *extra] if current else extra)
-
-
 class _EarlySignal(Exception):
     """SIGTERM/SIGINT before the broker's own handlers are installed."""
 
@@ -115,8 +97,6 @@ def _raise_early_signal(signum: int, _frame: object) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Checks everything it can and spawns the app-server before importing the broker (grpc,
     protobuf, asyncio: most of a start), so the app-server starts while they load."""
-    if "grpc" not in sys.modules:
-        tune_grpc(os.environ)  # before the app-server is spawned: it inherits the same environment
     from proxy import child as child_process
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 

@@ -163,31 +163,6 @@ def test_pid_file_is_written_when_ready_and_removed_on_exit(broker, tmp_path):
     assert not pid_file.exists()
 
 
-@pytest.mark.parametrize(("before", "after"), [
-    (None, "-event_engine_listener"),
-    ("", "-event_engine_listener"),
-    ("some_experiment", "some_experiment,-event_engine_listener"),
-    ("event_engine_listener", "event_engine_listener"),  # the user turned it on: left so
-    ("-event_engine_listener", "-event_engine_listener"),
-    (" other , event_engine_listener ", " other , event_engine_listener "),
-])
-def test_grpc_experiments_are_tuned_only_where_the_user_left_them_alone(before, after):
-    from proxy.cli import tune_grpc
-
-    env = {} if before is None else {"GRPC_EXPERIMENTS": before}
-    tune_grpc(env)
-    assert env["GRPC_EXPERIMENTS"] == after
-
-
-def test_serving_broker_runs_with_the_tuned_grpc_experiments(broker):
-    """The setting reaches the broker's grpc core: it is in the broker's own environment
-    (the app-server it spawned inherits that environment)."""
-    b = broker()
-    with open(f"/proc/{b.app_server.pid}/environ", "rb") as f:
-        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-    assert b"-event_engine_listener" in env.get(b"GRPC_EXPERIMENTS", b"").split(b",")
-
-
 def test_sigterm_right_after_the_app_server_is_spawned_exits_0_and_leaves_nothing(base):
     """`serve` spawns the app-server before it loads grpc; a SIGTERM then (or a moment later,
     once the broker runs: the outcome must be the same) stops both and leaves nothing."""

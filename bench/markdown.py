@@ -63,6 +63,7 @@ def render(results: dict[str, Any], png_name: str, date: str) -> str:
                      for t in results.get("targets", [])]),
             f"![benchmark plots]({png_name})", ""]
     out += _misses(results)
+    out += _side_by_side()
     out += _ratios(results)
     out += _lifecycle(results)
     out += _memory(results)
@@ -98,7 +99,8 @@ def _method(c: dict[str, Any]) -> list[str]:
             f"- **Start**: {c.get('start_runs', '?')} fresh brokers, spawn of `python -m proxy serve` to the first "
             "Health Check answering SERVING (polled every 2 ms), its app-server's start included: the broker "
             "spawns its app-server before loading grpc, so both start side by side, and this whole figure is "
-            "held to the target, as Node's is measured (it too starts and initializes its app-server before listening). "
+            "held to the target, as Node's is measured (it too starts and initializes its app-server before "
+            "listening). "
             "The bare fake's start (spawn to `initialize` answered) is measured the same number of times; the "
             "difference is what the broker adds to it (medians).",
             f"- **ensure**: `ensure_broker()` in process, {c.get('ensure_calls', '?')} calls on a live broker "
@@ -235,28 +237,72 @@ WHY_MISSED = {
     "Unary round trip": (
         "The round trip crosses two grpc.aio endpoints written in Python (the bench client and the broker) "
         "plus the app-server pipe. On this machine a bare grpc.aio bidi echo with Python at both ends is "
-        "~260-400 us p50 (DESIGN.md: ~260 us), before the app-server's own round trip (~120-190 us direct): "
-        "the target is below that sum. Profiles (py-spy, strace) put the broker's own routing under 5 % of its "
-        "samples; its CPU per round trip is grpc.aio's completion hand-off between its poller thread and the "
-        "event loop (~33 syscalls, 7 futex waits per round trip). A minimal stand-in that pipes a grpc.aio "
-        "Session straight to the fake, with no routing at all, measures the same latency; a sync gRPC server, "
-        "uvloop, disabled BDP probing and coalesced stdin writes made no measurable difference. Reaching the "
-        "target needs another transport for latency-sensitive local clients (for example raw JSONL on a unix "
-        "socket) or a non-Python client; both are outside the wire contract this project keeps."),
+        "~200-400 us p50 depending on the hour (DESIGN.md: ~260 us), before the app-server's own round trip "
+        "(~120-200 us direct): the target is below that sum. Profiles (py-spy, strace) put the broker's own "
+        "routing under 5 % of its samples; its CPU per round trip is grpc.aio's completion hand-off between its "
+        "poller thread and the event loop. A minimal stand-in that pipes a grpc.aio Session straight to the "
+        "fake, with no routing at all, measures the same latency. Tried without a lasting gain: a sync gRPC "
+        "server, uvloop, disabled BDP probing, stdin writes coalesced per pass of the event loop, and grpc's "
+        "`event_engine_listener` experiment turned off (unary p50 ~8 % lower, but one client's notification "
+        "stream ~10 % slower, so the default stays). Reaching the target needs another transport for "
+        "latency-sensitive local clients (for example raw JSONL on a unix socket) or a non-Python client; both "
+        "are outside the wire contract this project keeps."),
     "Notifications to one client": (
         "Three processes (bench client, broker, fake) share 2 cores, so the broker's CPU per notification "
         "decides the share of direct. It was cut from ~3.4 us to ~2.3-2.8 us by passing app-server lines "
         "through as bytes into pre-encoded ServerFrames (no decode, no protobuf object, no second "
-        "serialization) and batching 80-250 messages per frame; what remains is one orjson decode per line "
-        "(~0.6 us, it also validates the UTF-8 clients require), routing, and grpc's write. The figure swings "
-        "by +-20 % between runs on this shared machine (other runs measured 75 % of direct and 1.5x Node)."),
+        "serialization) and batching 80-250 messages per frame. What remains is about half routing (one orjson "
+        "decode per line, ~0.4 us, which also validates the UTF-8 clients require, and ~0.8 us of Python around "
+        "it) and half grpc's write and the event loop. Inlining the routing of thread notifications cut the "
+        "routing itself by ~20 % in isolation but made no difference measurable in the broker's CPU per "
+        "notification, so it was not kept. The figure swings by +-20 % between runs on this shared machine "
+        "(other runs measured 72-75 % of direct and 1.4-1.5x Node)."),
+    "16 concurrent Sessions: aggregate rate": (
+        "Every request is a grpc.aio read and a grpc.aio write in the broker (~85-100 us of its CPU, most of it "
+        "grpc's hand-off between its poller thread and the event loop) and about as much in the Python client; "
+        "with the client, the broker and the fake on 2 cores, that caps the aggregate near 8-9k/s. The broker "
+        "serves every request, where the Node broker serves about one in six and refuses the rest fast, which "
+        "is what makes its successful rate per second look high. Coalescing stdin writes made no measurable "
+        "difference."),
     "Broker RSS max over that whole turn": (
-        "The peak is one 26 MB line (the final item/completed of a 3,000,000-delta turn), which exists about "
-        "twice while it is read, validated and framed. A fixed 4 MiB mmap threshold returns that memory when "
-        "the line is gone (the broker drops back to ~46 MB instead of keeping ~71 MB), and the peak went from "
-        "~149 MB to ~98 MB; below that would mean forwarding a line unvalidated. The backlog of a slow reader, "
-        "which is what the bound is about, stays under the target."),
+        "The peak is one 26 MB line (the final item/completed of a 3,000,000-delta turn). Python's grpc copies "
+        "every message it sends into its own buffer, so that message exists at least twice while it is sent: "
+        "with the broker's ~45 MB baseline (interpreter, grpc, protobuf), ~97 MB is the floor for forwarding it "
+        "whole, and the measured peak is there. A fixed 4 MiB mmap threshold returns that memory when the line "
+        "is gone (the broker drops back to ~46 MB instead of keeping ~71 MB; the peak went from ~149 MB to "
+        "~98 MB). The backlog of a slow reader, which is what the bound is about, stays under the target."),
 }
+
+
+# One run of the independent peer-bench harness (not part of this project): the Node broker of
+# openai/codex-plugin-cc (80c31f9, node v20.20.2), this broker and the direct pipe, the same fake and the same
+# Python JSONL/grpc.aio client, medians of 5 runs, one after the other on one 2-core machine of this kind.
+PEER_RUN_DATE = "2026-11-24"
+PEER_RUN: list[tuple[str, float | None, float, float]] = [
+    # figure, direct, node, codex-broker
+    ("unary p50 (us)", 175, 276, 542),
+    ("unary p99 (us)", 411, 958, 894),
+    ("notifications/s, one 50,000-delta turn", 272_609, 141_043, 195_765),
+    ("16 clients x 200: served of 3,200", 3200, 496, 3200),
+    ("16 clients x 200: successful req/s", 86_184, 3_807, 7_812),
+    ("start to ready (s; the harness's own spawn included)", 0.073, 0.166, 0.174),
+    ("broker process RSS after the workloads (MiB)", None, 97.3, 44.6),
+]
+
+
+def _side_by_side() -> list[str]:
+    def cell(v: float | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:,.3f}" if isinstance(v, float) and v < 1 else f"{v:,.0f}" if v >= 1000 else f"{v:g}"
+
+    rows = [[name, cell(d), cell(n), cell(b), f"{b / n:.2f}x"] for name, d, n, b in PEER_RUN]
+    return ["## Side by side with the Node broker", "",
+            f"Not from this run: the independent peer-bench harness on {PEER_RUN_DATE}, on a 2-core machine of "
+            "this kind, the Node broker of openai/codex-plugin-cc (80c31f9, node v20.20.2) and this broker one after "
+            "the other, same fake, same Python client, medians of 5 runs. Node readies on a socket that accepts; "
+            "this broker on a Health Check answering SERVING.", "",
+            *_table(["", "direct", "Node broker", "codex-broker", "codex-broker / Node"], rows)]
 
 
 def _misses(r: dict[str, Any]) -> list[str]:
@@ -278,12 +324,12 @@ def _notes(r: dict[str, Any]) -> list[str]:
     meta = r.get("meta", {})
     slow = get(r, "memory.slow_reader") or {}
     notes = ["## Notes", "",
-             "- The Node broker's figures are DESIGN.md's reference figures (same fake, same Python client, a "
-             "2-core machine of this kind), not re-measured by this bench. DESIGN.md gives no successful rate for "
-             "the Node broker under 16 clients x 200 requests, only that 84 % were refused as busy; the "
-             f"{NODE_CONCURRENT_OK_RPS:,.0f}/s used here was measured with the independent peer-bench harness on a "
-             "machine of the same kind (openai/codex-plugin-cc at 80c31f9, node v20.20.2; 485 of 3,200 requests "
-             "served in 0.25 s, median of 5 runs).",
+             "- The Node broker's figures in the targets table are DESIGN.md's reference figures (same fake, same "
+             "Python client, a 2-core machine of this kind), not re-measured by this bench. DESIGN.md gives no "
+             "successful rate for the Node broker under 16 clients x 200 requests, only that 84 % were refused as "
+             f"busy; the {NODE_CONCURRENT_OK_RPS:,.0f}/s used here was measured with the independent peer-bench "
+             "harness (see *Side by side with the Node broker*; an earlier measurement gave 1,940/s, the higher "
+             "and fresher figure is the one held to the target).",
              f"- Traffic workloads run {_times(get(r, 'config.reps') or 1)} each, alternating direct and broker; the "
              "tables show medians (unary percentiles over the pooled samples). The machine is shared: the "
              f"1-minute load average was {meta.get('load_average_at_start', 0):.1f} when this run started and "

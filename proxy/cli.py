@@ -133,8 +133,9 @@ def run_serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"codex-broker serve: {exc}", file=sys.stderr)
             return 2
-        _tune_malloc()
         from proxy.broker import Broker  # the app-server starts meanwhile
+
+        _tune_malloc()
 
         try:
             import asyncio

@@ -27,10 +27,12 @@ STDERR_TAIL_LINES = 40
 
 
 class LineSplitter:
-    """Splits a byte stream into lines; a line longer than ``max_line`` is dropped whole."""
+    """Splits a byte stream into lines, handed on a chunk's worth at a time (``on_lines``, in
+    order; blank lines may be among them). A line longer than ``max_line`` is dropped whole."""
 
-    def __init__(self, on_line: Callable[[bytes], None], on_oversized: Callable[[int], None], max_line: int):
-        self._on_line = on_line
+    def __init__(self, on_lines: Callable[[list[bytes]], None], on_oversized: Callable[[int], None],
+                 max_line: int):
+        self._on_lines = on_lines
         self._on_oversized = on_oversized
         self._max = max_line
         self._buf = bytearray()
@@ -59,15 +61,19 @@ class LineSplitter:
         lines = data[end + 1:].split(b"\n")
         self._buf += lines.pop()
         self._emit(first)
-        for line in lines:
-            self._emit(line)
+        if len(data) <= self._max:  # no line inside this chunk can be over the limit
+            if lines:
+                self._on_lines(lines)
+        else:
+            for line in lines:
+                self._emit(line)
         self._check_overflow()
 
     def _emit(self, line: bytes) -> None:
         if len(line) > self._max:
             self._on_oversized(len(line))
         elif line.strip():
-            self._on_line(line)
+            self._on_lines([line])
 
     def _check_overflow(self) -> None:
         if len(self._buf) > self._max:
@@ -104,11 +110,11 @@ class AppServerProcess:
     """One app-server child. ``on_line`` gets each stdout line (bytes, no newline)."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None,
-                 on_line: Callable[[bytes], None], max_line: int):
+                 on_lines: Callable[[list[bytes]], None], max_line: int):
         self.argv = list(argv)
         self.cwd = cwd
         self.env = env
-        self._stdout = LineSplitter(on_line, self._on_oversized, max_line)
+        self._stdout = LineSplitter(on_lines, self._on_oversized, max_line)
         self._stderr_buf = bytearray()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stdout_closed = asyncio.Event()

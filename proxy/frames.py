@@ -26,11 +26,18 @@ _HEADERS = [_header(n) for n in range(1 << 14)]  # one or two varint bytes: near
 
 
 def encode_frame(messages: Sequence[bytes]) -> bytes:
-    parts: list[bytes] = []
+    if not messages:
+        return b""
+    sizes = list(map(len, messages))
+    if max(sizes) < len(_HEADERS):  # nearly always: headers looked up and interleaved in C
+        parts: list[bytes] = [b""] * (2 * len(sizes))
+        parts[::2] = map(_HEADERS.__getitem__, sizes)
+        parts[1::2] = messages
+        return b"".join(parts)
+    parts = []
     append = parts.append
     headers = _HEADERS
-    for message in messages:
-        size = len(message)
+    for message, size in zip(messages, sizes, strict=True):
         append(headers[size] if size < 16384 else _header(size))
         append(message)
     return b"".join(parts)

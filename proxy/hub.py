@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from orjson import loads as _orjson_loads
 
 from proxy import jsonrpc
 from proxy.jsonrpc import dumps, error_response, thread_id_of
@@ -33,6 +34,7 @@ log = logging.getLogger("codex_broker.proxy")
 
 # Kinds of requests the proxy sends to the app-server.
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
+_TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
 
 
@@ -298,12 +300,59 @@ class Hub:
             self._send_line(error_response(app_id, error))
 
     # -- from the app-server -------------------------------------------------------------
+    def from_app_server_lines(self, lines: list[bytes]) -> None:
+        """Lines of the app-server's stdout, in order (blank ones skipped). The hot path: one
+        turn streams tens of thousands of notifications, so the common case, a notification
+        naming a thread that one Session follows, is routed here inline, and consecutive ones
+        for the same Session are queued together; everything else goes through ``_route``
+        after those are queued, so each Session still gets its messages in order."""
+        loads = _orjson_loads
+        threads = self.threads
+        run_session: Session | None = None
+        run: list[bytes] = []
+        for line in lines:
+            try:
+                msg = loads(line)
+            except ValueError:
+                if line.strip():
+                    if run:
+                        run_session.push_many(run)  # type: ignore[union-attr]
+                        run = []
+                    self.from_app_server(line)  # tells why, or decodes what orjson refuses
+                continue
+            if type(msg) is dict:
+                method = msg.get("method")
+                if type(method) is str and "id" not in msg and method not in _TRACKED_NOTIFICATIONS:
+                    params = msg.get("params")
+                    thread_id = params.get("threadId") if type(params) is dict else None
+                    if type(thread_id) is str and thread_id:
+                        subscribers = threads.get(thread_id)
+                        if subscribers is not None and len(subscribers) == 1:
+                            (session,) = subscribers
+                            if method not in session.opt_out:
+                                if session is not run_session:
+                                    if run:
+                                        run_session.push_many(run)  # type: ignore[union-attr]
+                                    run_session, run = session, []
+                                # passed on as the app-server wrote it (decoding checked its UTF-8)
+                                run.append(line)
+                            continue
+            if run:
+                run_session.push_many(run)  # type: ignore[union-attr]
+                run = []
+            self._route(line, msg)
+        if run:
+            run_session.push_many(run)  # type: ignore[union-attr]
+
     def from_app_server(self, line: bytes) -> None:
         try:
             msg = jsonrpc.loads_for_routing(line)  # notifications are passed on as the raw line
         except jsonrpc.DecodeError as exc:
             self._bad_line(line, f"not JSON ({exc})")
             return
+        self._route(line, msg)
+
+    def _route(self, line: bytes, msg: Any) -> None:
         if not isinstance(msg, dict):
             self._bad_line(line, "not a JSON object")
             return

@@ -16,7 +16,7 @@ import grpc
 
 from proxy.frames import encode_frame
 
-BATCH_MAX_MESSAGES = 1024
+BATCH_MAX_MESSAGES = 4096
 BATCH_MAX_BYTES = 1 << 20
 # Messages at least this big are tracked one by one: the largest one queued does not count
 # against the limit, so one big result (a long thread history) does not get a Session that
@@ -79,6 +79,21 @@ class Session:
             self._large.append(len(text))
         self._wake.set()
 
+    def push_many(self, texts: list[bytes]) -> None:
+        """``push`` for consecutive messages of one routing pass, checking the limit once."""
+        if self.ending is not None:
+            return
+        backlog = self._queued_bytes - (max(self._large) if self._large else 0)
+        if backlog > self.limit_bytes:
+            self.on_overflow(self)
+            return
+        size = sum(map(len, texts))
+        self._queue.extend(texts)
+        self._queued_bytes += size
+        if size >= LARGE_MESSAGE:
+            self._large.extend(n for n in map(len, texts) if n >= LARGE_MESSAGE)
+        self._wake.set()
+
     def end(self, ending: Ending) -> None:
         """Ends the Session's RPC (first call wins); an ending without flush frees the buffer."""
         if self.ending is not None:
@@ -99,7 +114,12 @@ class Session:
             self._wake.clear()
             await self._wake.wait()
         queue = self._queue
-        batch: list[bytes] = []
+        if len(queue) <= BATCH_MAX_MESSAGES and self._queued_bytes <= BATCH_MAX_BYTES and not self._large:
+            batch = list(queue)  # the usual case: everything queued fits one frame
+            queue.clear()
+            self._queued_bytes = 0
+            return encode_frame(batch)
+        batch = []
         size = 0
         while queue and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
             text = queue.popleft()

@@ -5,12 +5,9 @@ Nothing here imports grpc or asyncio, so `serve` can settle all of it, and spawn
 app-server, while the heavier modules are still loading."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 MAX_SOCKET_PATH = 107
 
@@ -33,7 +30,7 @@ class ServeConfig:
     app_server: list[str]
     cwd: str = field(default_factory=os.getcwd)
     pid_file: str | None = None
-    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    instance_id: str = field(default_factory=lambda: new_instance_id())
     probe_method: str = "thread/loaded/list"
     probe_interval: float = 1.0
     probe_timeout: float = 3.0
@@ -71,6 +68,12 @@ class ServeConfig:
             raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
 
 
+def new_instance_id() -> str:
+    import uuid  # imported here: `serve` loads this module before it spawns the app-server
+
+    return str(uuid.uuid4())
+
+
 def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
     """(host, port) of ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6); port 0 picks a free one."""
     host, sep, port = endpoint[len("tcp:"):].rpartition(":")
@@ -93,6 +96,8 @@ def parse_endpoint(endpoint: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    import ipaddress  # TCP only
+
     if host == "localhost":
         return True
     try:
@@ -199,7 +204,8 @@ class BrokerFiles:
 
 def read_pid(path: str) -> int | None:
     try:
-        return int(Path(path).read_text().strip())
+        with open(path) as f:
+            return int(f.read().strip())
     except (OSError, ValueError):
         return None
 

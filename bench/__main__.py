@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     if args.source:
         results = json.loads(args.source.read_text())
+        results["targets"] = report.evaluate(results)  # the targets as this version judges them
     else:
         counts = QUICK if args.quick else Counts()
         progress(f"{'quick' if args.quick else 'full'} run: steps {', '.join(args.steps)}")

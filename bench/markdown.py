@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import NODE_CONCURRENT_OK_RPS, NODE_NOTES_PER_S, NODE_UNARY_P50_US, fmt, get, verdict
+from bench.report import (
+    NODE_CONCURRENT_OK_RPS,
+    NODE_NOTES_PER_S,
+    NODE_UNARY_P50_US,
+    fmt,
+    get,
+    paired_ratio,
+    verdict,
+)
 
 HOW_TO_RUN = """\
 From the repository root, with the project's virtualenv (`scripts/setup.sh` installs the `bench`
@@ -128,7 +136,8 @@ def _ratios(r: dict[str, Any]) -> list[str]:
     direct1 = s("stream.direct.notes_per_s")
     streams = [
         ["1 client, one turn", _n(direct1), _n(s("stream.session.notes_per_s")),
-         _pct(s("stream.session.notes_per_s"), direct1), _x(s("stream.session.notes_per_s"), NODE_NOTES_PER_S),
+         _pct(paired_ratio(r, "stream.session.notes_per_s", "stream.direct.notes_per_s"), 1) + " (paired)",
+         _x(s("stream.session.notes_per_s"), NODE_NOTES_PER_S),
          _n(s("stream.session.messages_per_frame"), ".0f")],
         ["4 Sessions on one thread (fan-out)", f"({_n(direct1)}, 1 client)",
          _n(s("stream4.fanout_session.notes_per_s")), _pct(s("stream4.fanout_session.notes_per_s"), direct1), "-",
@@ -248,22 +257,25 @@ WHY_MISSED = {
         "latency-sensitive local clients (for example raw JSONL on a unix socket) or a non-Python client; both "
         "are outside the wire contract this project keeps."),
     "Notifications to one client": (
-        "Three processes (bench client, broker, fake) share 2 cores, so the broker's CPU per notification "
-        "decides the share of direct. It was cut from ~3.4 us to ~2.3-2.8 us by passing app-server lines "
-        "through as bytes into pre-encoded ServerFrames (no decode, no protobuf object, no second "
-        "serialization) and batching 80-250 messages per frame. What remains is about half routing (one orjson "
-        "decode per line, ~0.4 us, which also validates the UTF-8 clients require, and ~0.8 us of Python around "
-        "it) and half grpc's write and the event loop. Inlining the routing of thread notifications cut the "
-        "routing itself by ~20 % in isolation but made no difference measurable in the broker's CPU per "
-        "notification, so it was not kept. The figure swings by +-20 % between runs on this shared machine "
-        "(other runs measured 72-75 % of direct and 1.4-1.5x Node)."),
+        "Three processes (bench client, broker, fake) share 2 cores, so the CPU each spends per notification "
+        "decides the rate, and the bench client's own (~3.5-4.5 us through grpc.aio) is the largest. The "
+        "broker's was cut from ~3.4 us to ~2.3-2.8 us by passing app-server lines through as bytes into "
+        "pre-encoded ServerFrames (no decode, no protobuf object, no second serialization), then to ~1.5-2.3 us "
+        "by routing a chunk of lines at a time, queueing consecutive notifications for one Session together "
+        "and framing them in C (19.9k -> 12.4k instructions per line, counted with callgrind). What remains is "
+        "one orjson decode per line (~6k instructions; it also validates the JSON and UTF-8 clients rely on), "
+        "the Python around it, and grpc's write. The figure swings widely between runs on this shared machine "
+        "(the direct pipe alone varied from 178k/s to 317k/s within one run), which is why the share is the "
+        "median of paired repetitions."),
     "16 concurrent Sessions: aggregate rate": (
-        "Every request is a grpc.aio read and a grpc.aio write in the broker (~85-100 us of its CPU, most of it "
-        "grpc's hand-off between its poller thread and the event loop) and about as much in the Python client; "
-        "with the client, the broker and the fake on 2 cores, that caps the aggregate near 8-9k/s. The broker "
-        "serves every request, where the Node broker serves about one in six and refuses the rest fast, which "
-        "is what makes its successful rate per second look high. Coalescing stdin writes made no measurable "
-        "difference."),
+        "Every request is a grpc.aio read and a grpc.aio write in the broker (~90-120 us of its CPU, most of it "
+        "grpc's hand-off between its poller thread and the event loop) and costs the Python bench client about "
+        "as much (~90-115 us, against ~11 us on the direct pipe). At 3 x Node's rate (~11.4k/s) the bench client "
+        "alone would need more than one of the machine's two cores, before the broker and the fake get any: "
+        "with this client, the target is out of reach of any broker on this machine, and the broker's "
+        "measured rate is close to what the cores allow. The broker serves every request, where the Node "
+        "broker serves about one in six and refuses the rest fast, which is what makes its successful rate "
+        "per second high. Coalescing stdin writes made no measurable difference."),
     "Broker RSS max over that whole turn": (
         "The peak is one 26 MB line (the final item/completed of a 3,000,000-delta turn). Python's grpc copies "
         "every message it sends into its own buffer, so that message exists at least twice while it is sent: "

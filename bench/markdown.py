@@ -292,13 +292,13 @@ WHY_MISSED = {
 PEER_RUN_DATE = "2026-11-24"
 PEER_RUN: list[tuple[str, float | None, float, float]] = [
     # figure, direct, node, codex-broker
-    ("unary p50 (us)", 175, 276, 542),
-    ("unary p99 (us)", 411, 958, 894),
-    ("notifications/s, one 50,000-delta turn", 272_609, 141_043, 195_765),
-    ("16 clients x 200: served of 3,200", 3200, 496, 3200),
-    ("16 clients x 200: successful req/s", 86_184, 3_807, 7_812),
-    ("start to ready (s; the harness's own spawn included)", 0.073, 0.166, 0.174),
-    ("broker process RSS after the workloads (MiB)", None, 97.3, 44.6),
+    ("unary p50 (us)", 214, 375, 638),
+    ("unary p99 (us)", 407, 988, 1520),
+    ("notifications/s, one 50,000-delta turn", 181_289, 105_300, 157_402),
+    ("16 clients x 200: served of 3,200", 3200, 476, 3200),
+    ("16 clients x 200: successful req/s", 54_054, 2_489, 6_262),
+    ("start to ready (s; the harness's own spawn included)", 0.067, 0.242, 0.196),
+    ("broker process RSS after the workloads (MiB)", None, 95.1, 44.3),
 ]
 
 
@@ -313,7 +313,8 @@ def _side_by_side() -> list[str]:
             f"Not from this run: the independent peer-bench harness on {PEER_RUN_DATE}, on a 2-core machine of "
             "this kind, the Node broker of openai/codex-plugin-cc (80c31f9, node v20.20.2) and this broker one after "
             "the other, same fake, same Python client, medians of 5 runs. Node readies on a socket that accepts; "
-            "this broker on a Health Check answering SERVING.", "",
+            "this broker on a Health Check answering SERVING. Absolute figures move with the machine (the direct "
+            "pipe's unary p50 ranged from 124 to 214 us across that day's runs): compare the ratios.", "",
             *_table(["", "direct", "Node broker", "codex-broker", "codex-broker / Node"], rows)]
 
 

@@ -1,0 +1,115 @@
+"""The hub's routing of app-server output, line by line as the broker's reader hands it over
+(a chunk's lines at a time): each Session gets exactly the messages of the threads it follows,
+in the app-server's order, with turn tracking, bad lines and blank lines handled on the way.
+No processes here: the app-server's side is the ``send`` callback and lines fed by hand."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from protos import broker_pb2
+from proxy.hub import Hub
+from proxy.session import Session
+
+
+def line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.hub = Hub(send=lambda raw: self.sent.append(json.loads(raw)), stdin_backlog=lambda: 0,
+                       session_buffer_bytes=8 << 20, on_change=lambda: None)
+        self.hub.init_result = {"userAgent": "test"}
+
+    def session_on(self, thread_id: str) -> Session:
+        """A Session, initialized, that started ``thread_id`` (so it follows it)."""
+        session = self.hub.open_session()
+        self.hub.from_client(session, json.dumps({"id": 1, "method": "initialize", "params": {}}))
+        self.hub.from_client(session, json.dumps({"id": 2, "method": "thread/start", "params": {}}))
+        proxy_id = self.sent[-1]["id"]
+        self.hub.from_app_server_lines([line({"id": proxy_id, "result": {"thread": {"id": thread_id}}})])
+        drain(session)
+        return session
+
+
+def drain(session: Session) -> list[dict[str, Any]]:
+    """Everything queued for the Session, decoded from its ServerFrames."""
+    out: list[dict[str, Any]] = []
+
+    async def take() -> None:
+        while session._queue:
+            frame = await session.next_frame()
+            assert frame is not None
+            out.extend(json.loads(m) for m in broker_pb2.ServerFrame.FromString(frame).messages)
+
+    asyncio.run(take())
+    return out
+
+
+def note(method: str, thread_id: str, **params: Any) -> bytes:
+    return line({"method": method, "params": {"threadId": thread_id, **params}})
+
+
+def test_interleaved_threads_reach_only_their_sessions_in_order_with_turns_tracked():
+    h = Harness()
+    a, b = h.session_on("thr-a"), h.session_on("thr-b")
+    lines = [note("turn/started", "thr-a", turn={"id": "t1", "status": "inProgress"}),
+             note("item/agentMessage/delta", "thr-a", delta="a0"),
+             note("item/agentMessage/delta", "thr-b", delta="b0"),
+             note("item/agentMessage/delta", "thr-a", delta="a1"),
+             b"",
+             b"   ",
+             note("item/agentMessage/delta", "thr-a", delta="a2"),
+             b"{not json",
+             note("item/agentMessage/delta", "thr-b", delta="b1"),
+             note("item/agentMessage/delta", "thr-a", delta="a3"),
+             note("turn/completed", "thr-a", turn={"id": "t1", "status": "completed"}),
+             note("item/agentMessage/delta", "thr-a", delta="a4"),
+             line({"method": "account/updated", "params": {}}),  # no thread: every Session
+             note("item/agentMessage/delta", "thr-unknown", delta="x")]
+    h.hub.from_app_server_lines(lines[:5])
+    assert ("thr-a", "t1") in h.hub.turns  # turn/started was tracked in the middle of a chunk
+    h.hub.from_app_server_lines(lines[5:])
+    got_a, got_b = drain(a), drain(b)
+    assert [(m["method"], m["params"].get("delta")) for m in got_a] == [
+        ("turn/started", None), ("item/agentMessage/delta", "a0"), ("item/agentMessage/delta", "a1"),
+        ("item/agentMessage/delta", "a2"), ("item/agentMessage/delta", "a3"), ("turn/completed", None),
+        ("item/agentMessage/delta", "a4"), ("account/updated", None)]
+    assert [(m["method"], m["params"].get("delta")) for m in got_b] == [
+        ("item/agentMessage/delta", "b0"), ("item/agentMessage/delta", "b1"), ("account/updated", None)]
+    assert ("thr-a", "t1") not in h.hub.turns
+
+
+def test_opted_out_methods_are_skipped_and_lines_pass_through_byte_for_byte():
+    h = Harness()
+    quiet, loud = h.session_on("thr-q"), h.session_on("thr-l")
+    quiet.opt_out = frozenset({"item/agentMessage/delta"})
+    raw = b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-l","delta":"\\u00e9 1.0e0 "}}'
+    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-q", delta="q0"),
+                                 note("item/reasoning/delta", "thr-q", delta="r0"), raw])
+
+    async def frame_of(session: Session) -> bytes:
+        frame = await session.next_frame()
+        assert frame is not None
+        return frame
+
+    assert [m["method"] for m in drain(quiet)] == ["item/reasoning/delta"]
+    (message,) = broker_pb2.ServerFrame.FromString(asyncio.run(frame_of(loud))).messages
+    assert message.encode() == raw  # not re-encoded: escapes and number spelling kept
+
+
+def test_a_session_past_its_buffer_limit_is_dropped_and_the_other_keeps_its_stream():
+    h = Harness()
+    slow, other = h.session_on("thr-s"), h.session_on("thr-o")
+    slow.limit_bytes = 4096  # the other keeps the 8 MiB default
+    lines = []
+    for i in range(200):
+        lines.append(note("item/agentMessage/delta", "thr-s", delta=f"s{i}"))
+        lines.append(note("item/agentMessage/delta", "thr-o", delta=f"o{i}"))
+    for start in range(0, len(lines), 50):  # chunks, as the reader hands them over
+        h.hub.from_app_server_lines(lines[start:start + 50])
+    assert slow.ending is not None and slow.ending.code is not None  # dropped for falling behind
+    assert [m["params"]["delta"] for m in drain(other)] == [f"o{i}" for i in range(200)]

@@ -264,9 +264,13 @@ WHY_MISSED = {
         "by routing a chunk of lines at a time, queueing consecutive notifications for one Session together "
         "and framing them in C (19.9k -> 12.4k instructions per line, counted with callgrind). What remains is "
         "one orjson decode per line (~6k instructions; it also validates the JSON and UTF-8 clients rely on), "
-        "the Python around it, and grpc's write. The figure swings widely between runs on this shared machine "
-        "(the direct pipe alone varied from 178k/s to 317k/s within one run), which is why the share is the "
-        "median of paired repetitions."),
+        "the Python around it, and grpc's write. The arithmetic of 2 cores: direct, the client (~3.3 us) and the "
+        "fake (~3.0 us) each have a core; through the broker, client (~3.8 us), broker (~2.2 us) and fake "
+        "(~3.2 us) need ~9.2 us of CPU per notification on 2 cores, which caps the rate near 70-75 % of direct "
+        "even with perfect scheduling. A steady 75 % needs the broker near 1.3 us per notification, which one "
+        "JSON decode per line in Python leaves little room for. The figure also swings between runs on this "
+        "shared machine (the direct pipe alone varied from 178k/s to 317k/s within one run), which is why the "
+        "share is the median of paired repetitions."),
     "16 concurrent Sessions: aggregate rate": (
         "Every request is a grpc.aio read and a grpc.aio write in the broker (~90-120 us of its CPU, most of it "
         "grpc's hand-off between its poller thread and the event loop) and costs the Python bench client about "
@@ -279,10 +283,12 @@ WHY_MISSED = {
     "Broker RSS max over that whole turn": (
         "The peak is one 26 MB line (the final item/completed of a 3,000,000-delta turn). Python's grpc copies "
         "every message it sends into its own buffer, so that message exists at least twice while it is sent: "
-        "with the broker's ~45 MB baseline (interpreter, grpc, protobuf), ~97 MB is the floor for forwarding it "
-        "whole, and the measured peak is there. A fixed 4 MiB mmap threshold returns that memory when the line "
-        "is gone (the broker drops back to ~46 MB instead of keeping ~71 MB; the peak went from ~149 MB to "
-        "~98 MB). The backlog of a slow reader, which is what the bound is about, stays under the target."),
+        "with the broker's ~45 MB baseline (interpreter, asyncio with ssl, grpc, protobuf; ~41 MB after imports "
+        "alone), ~97 MB is the floor for forwarding it whole, and the measured peaks (99-112 MB across runs) "
+        "sit a few frames above it. A fixed 4 MiB mmap threshold returns that memory when the line is gone "
+        "(the broker drops back to ~47 MB instead of keeping ~71 MB; the peak was ~149 MB before it). Meeting "
+        "60 MB would take splitting large messages across frames, a change to the wire contract. The backlog "
+        "of a slow reader, which is what the bound is about, stays under the target."),
 }
 
 
@@ -290,6 +296,7 @@ WHY_MISSED = {
 # openai/codex-plugin-cc (80c31f9, node v20.20.2), this broker and the direct pipe, the same fake and the same
 # Python JSONL/grpc.aio client, medians of 5 runs, one after the other on one 2-core machine of this kind.
 PEER_RUN_DATE = "2026-11-24"
+SPREAD_DATE = "2026-11-24"
 PEER_RUN: list[tuple[str, float | None, float, float]] = [
     # figure, direct, node, codex-broker
     ("unary p50 (us)", 214, 375, 638),
@@ -343,6 +350,10 @@ def _notes(r: dict[str, Any]) -> list[str]:
              f"busy; the {NODE_CONCURRENT_OK_RPS:,.0f}/s used here was measured with the independent peer-bench "
              "harness (see *Side by side with the Node broker*; an earlier measurement gave 1,940/s, the higher "
              "and fresher figure is the one held to the target).",
+             f"- Spread across four full runs of this version on {SPREAD_DATE} (the same command, minutes apart): "
+             "unary p50 531-630 us; one client's notifications 174-193k/s, 60-80 % of direct (paired); 16 "
+             "concurrent Sessions 6.8-8.1k/s; start to SERVING 136-217 ms; RSS peak over the slow-reader turn "
+             "99-112 MB. Whether a figure near its target passes depends on the run.",
              f"- Traffic workloads run {_times(get(r, 'config.reps') or 1)} each, alternating direct and broker; the "
              "tables show medians (unary percentiles over the pooled samples). The machine is shared: the "
              f"1-minute load average was {meta.get('load_average_at_start', 0):.1f} when this run started and "

@@ -73,7 +73,8 @@ def _streams(ax: Any, results: dict[str, Any]) -> None:
     if direct:
         ax.axhline(0.75 * direct, color="purple", linestyle=":", label="target: 75 % of direct (1 client)")
     ax.set_title(f"Notification throughput ({get(results, 'stream.direct.deltas_per_turn') or '?':,} deltas per turn)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
 
 
 def _concurrent(ax: Any, results: dict[str, Any]) -> None:

@@ -49,12 +49,14 @@ S = broker_pb2
 
 class Broker:
     def __init__(self, config: ServeConfig, *, files: BrokerFiles | None = None,
-                 child: subprocess.Popen[bytes] | None = None):
+                 child: subprocess.Popen[bytes] | None = None, early_signals: list[int] | None = None):
         """``files`` already prepared and ``child`` already spawned let `serve` do both while
-        this module was still importing; without them, ``run`` does both."""
+        this module was still importing; without them, ``run`` does both. ``early_signals``:
+        where `serve` notes SIGTERM/SIGINT until ``run`` installs its own handlers."""
         self.config = config
         self.files = files or BrokerFiles(config)
         self._child = child
+        self._early_signals = early_signals if early_signals is not None else []
         self.version = __version__
         self.state = S.BROKER_STATE_STARTING
         self.started_at = time.time()
@@ -120,6 +122,8 @@ class Broker:
         if not self.files.prepared:
             self.files.prepare()
         self._starting = asyncio.create_task(self._start(), name="start")
+        for early in self._early_signals:  # arrived before the handlers above: acted on as if after
+            loop.call_soon(self._on_signal, early)
         try:
             await self._starting
         except asyncio.CancelledError:

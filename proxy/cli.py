@@ -86,17 +86,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Session further behind than this is dropped (default 8 MiB)")
 
 
-class _EarlySignal(Exception):
-    """SIGTERM/SIGINT before the broker's own handlers are installed."""
-
-
-def _raise_early_signal(signum: int, _frame: object) -> None:
-    raise _EarlySignal(signum)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Checks everything it can and spawns the app-server before importing the broker (grpc,
-    protobuf, asyncio: most of a start), so the app-server starts while they load."""
+    protobuf, asyncio: most of a start), so the app-server starts while they load.
+
+    A SIGTERM or SIGINT before the broker's own handlers exist is only noted (raising from a
+    signal handler could land inside the event loop, which would swallow it): after the imports
+    it ends the start here, and once the broker runs, the broker acts on it as on its own."""
     from proxy import child as child_process
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
@@ -119,7 +115,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     files = BrokerFiles(config)
-    previous = {sig: signal.signal(sig, _raise_early_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    early_signals: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     child = None
     try:
         try:
@@ -135,22 +133,22 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         from proxy.broker import Broker  # the app-server starts meanwhile
 
+        if early_signals:
+            logging.getLogger("codex_broker.proxy").info(
+                "stopped by %s before ready", signal.Signals(early_signals[0]).name)
+            files.remove()
+            return 0
         _tune_malloc()
-
         try:
             import asyncio
 
-            return asyncio.run(Broker(config, files=files, child=child).run())
+            return asyncio.run(Broker(config, files=files, child=child, early_signals=early_signals).run())
         except ConfigError as exc:
             print(f"codex-broker serve: {exc}", file=sys.stderr)
             return 2
         except StartError as exc:
             print(f"codex-broker serve: {exc}", file=sys.stderr)
             return 1
-    except _EarlySignal as exc:
-        logging.getLogger("codex_broker.proxy").info("stopped by %s before ready", signal.Signals(exc.args[0]).name)
-        files.remove()
-        return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

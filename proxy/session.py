@@ -67,20 +67,12 @@ class Session:
         return not self.pending and not self.turns and not self.starting
 
     def push(self, text: bytes) -> None:
-        if self.ending is not None:
-            return
-        backlog = self._queued_bytes - (max(self._large) if self._large else 0)
-        if backlog > self.limit_bytes:
-            self.on_overflow(self)
-            return
-        self._queue.append(text)
-        self._queued_bytes += len(text)
-        if len(text) >= LARGE_MESSAGE:
-            self._large.append(len(text))
-        self._wake.set()
+        self.push_many([text])
 
     def push_many(self, texts: list[bytes]) -> None:
-        """``push`` for consecutive messages of one routing pass, checking the limit once."""
+        """Queues messages (encoded) in order; a Session already further behind than its limit,
+        not counting its largest message, is dropped instead. Consecutive messages of one
+        routing pass come here together: the limit is checked once for them."""
         if self.ending is not None:
             return
         backlog = self._queued_bytes - (max(self._large) if self._large else 0)

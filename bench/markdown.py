@@ -268,7 +268,9 @@ WHY_MISSED = {
         "fake (~3.0 us) each have a core; through the broker, client (~3.8 us), broker (~2.2 us) and fake "
         "(~3.2 us) need ~9.2 us of CPU per notification on 2 cores, which caps the rate near 70-75 % of direct "
         "even with perfect scheduling. A steady 75 % needs the broker near 1.3 us per notification, which one "
-        "JSON decode per line in Python leaves little room for. The figure also swings between runs on this "
+        "JSON decode per line in Python leaves little room for. A 1 MiB pipe for the app-server's stdout (fewer, "
+        "larger reads) was tried and dropped: the broker then outran a Python client reading at full speed, "
+        "which fell 8 MiB behind on a 200,000-delta turn and was dropped. The figure also swings between runs on this "
         "shared machine (the direct pipe alone varied from 178k/s to 317k/s within one run), which is why the "
         "share is the median of paired repetitions."),
     "16 concurrent Sessions: aggregate rate": (

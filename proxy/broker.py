@@ -3,8 +3,9 @@
 Start returns when ready: the app-server is spawned and initialized before the socket exists,
 so a client that can connect finds a broker that can serve. Stopping is one sequence whatever
 asked for it (drain completed, deadline, idle, signal, app-server death): end Sessions
-cleanly, stop the app-server's whole process group with escalation, stop gRPC with no grace
-(an open health Watch would otherwise hold it), remove the socket, pid file and directory."""
+cleanly, stop the app-server's whole process group with escalation, end every health Watch
+with a final NOT_SERVING, stop gRPC with a short grace (replies in flight go out, new RPCs are
+refused), remove the socket, pid file and directory."""
 from __future__ import annotations
 
 import asyncio
@@ -44,6 +45,7 @@ log = logging.getLogger("codex_broker.proxy")
 INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their turn/completed
 FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
 SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
+STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC cancels them
 S = broker_pb2
 
 
@@ -356,9 +358,11 @@ class Broker:
             wedged = self.health.wedged()  # a stopped or hung child ignores stdin EOF and SIGTERM
             code = await self.app.stop(polite_wait=0.2 if wedged else 2.0, term_wait=0.3 if wedged else 2.0)
             log.info("app-server stopped (%s)", self.app.describe_exit() if code is not None else "no status")
-        await self.health.servicer.enter_graceful_shutdown()
+        await self.health.servicer.enter_graceful_shutdown()  # Watches say NOT_SERVING and end
         if self.server is not None:
-            await self.server.stop(None)
+            # New RPCs are refused from here; calls still in flight (a Call answered by the
+            # drain's last response, a Drain's own reply) get their replies out.
+            await self.server.stop(STOP_GRACE)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.files.remove()
         log.info("stopped exit_code=%d", self._exit_code)

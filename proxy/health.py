@@ -25,6 +25,7 @@ log = logging.getLogger("codex_broker.proxy")
 SERVICES = ("", "codexbroker.v1.AppServer")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 CHECK_WAIT = 0.5  # longest a Check waits for its probe
 TICK = 0.2
 
@@ -124,6 +125,43 @@ class BrokerHealthServicer(HealthServicer):
         self._monitor = monitor
         for service in SERVICES:
             self._server_status[service] = NOT_SERVING
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        """The library's Watch, except that the stream ends (OK) once it has told a stopping
+        broker's final NOT_SERVING: the broker then stops gRPC with a grace, so the replies
+        of calls still in flight go out instead of every RPC being cancelled. Nor does it hold
+        the status lock while it writes to a client."""
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last = None
+        try:
+            while True:
+                async with condition:
+                    status = self._server_status.get(service, SERVICE_UNKNOWN)
+                    while status == last and not self._told_final(status):
+                        await condition.wait()
+                        status = self._server_status.get(service, SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._told_final(last):
+                    return
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+    def _told_final(self, status: object) -> bool:
+        return self._gracefully_shutting_down and status != SERVING
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for good, and every Watch told so (those on unknown services too)."""
+        await super().enter_graceful_shutdown()
+        for condition in list(self._server_watchers.values()):
+            async with condition:
+                condition.notify_all()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
                     ) -> health_pb2.HealthCheckResponse:

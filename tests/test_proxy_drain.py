@@ -18,6 +18,7 @@ from conftest import (
     next_status,
     run,
     status,
+    status_until,
     wait_gone,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -295,3 +296,45 @@ def test_compaction_turn_without_turn_id_is_tracked_by_its_notifications(broker)
             assert list(st.in_flight_turns) == [] and st.pending_requests == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_a_call_in_flight_at_drain_gets_its_reply_before_the_broker_stops(broker, round_):
+    """The Call is the last work: its answer completes the drain, and the broker stops at once
+    (no Session to flush). The reply must still reach the caller, not a CANCELLED."""
+    b = broker()
+
+    async def main():
+        async with aio_channel(b) as channel:
+            in_flight = asyncio.ensure_future(call(channel, "fake/slow", {"seconds": 0.3}))
+            await status_until(channel, lambda st: st.pending_requests == 1)
+            await drain(channel)
+            reply = await asyncio.wait_for(in_flight, 15)
+            assert reply.result_json and not reply.HasField("error"), reply
+        assert await wait_exit(b) == 0
+
+    run(main())
+    assert_cleaned_up(b)
+
+
+def test_a_health_watch_ends_ok_after_the_final_not_serving_when_the_broker_stops(broker):
+    b = broker()
+
+    async def main():
+        async with aio_channel(b) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == SERVING
+            unknown = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="no.such"))
+            assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            await drain(channel)
+            seen = []
+            while (reply := await watch.read()) is not grpc.aio.EOF:
+                seen.append(reply.status)
+            assert seen and seen[-1] == NOT_SERVING, seen
+            assert await watch.code() == grpc.StatusCode.OK
+            assert await unknown.read() is grpc.aio.EOF
+            assert await unknown.code() == grpc.StatusCode.OK
+        assert await wait_exit(b) == 0
+
+    run(main())
+    assert_cleaned_up(b)

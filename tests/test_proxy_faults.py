@@ -263,3 +263,22 @@ def test_json_numbers_decode_and_encode_exactly_and_nan_is_not_json():
     for text in ("NaN", '{"a": Infinity}', "[-Infinity]"):
         with pytest.raises(jsonrpc.DecodeError):
             jsonrpc.loads(text)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_calls_pending_when_the_app_server_is_killed_get_their_error_not_cancelled(broker, round_):
+    """No Session open: the broker's stop has nothing to flush and runs at once. Every pending
+    Call's reply, the app-server's exit, must still reach its caller before gRPC stops."""
+    b = broker()
+    app = b.app_server
+
+    async def main():
+        async with aio_channel(b) as channel:
+            calls = [asyncio.ensure_future(call(channel, "fake/slow", {"seconds": 30})) for _ in range(20)]
+            await status_until(channel, lambda st: st.pending_requests == len(calls))
+            app.kill()
+            for reply in await asyncio.wait_for(asyncio.gather(*calls), 15):
+                assert "killed by SIGKILL" in reply.error.message, reply
+        assert await asyncio.to_thread(b.wait_exit, 15) == 1
+
+    run(main())

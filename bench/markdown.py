@@ -352,9 +352,9 @@ def _notes(r: dict[str, Any]) -> list[str]:
              f"busy; the {NODE_CONCURRENT_OK_RPS:,.0f}/s used here was measured with the independent peer-bench "
              "harness (see *Side by side with the Node broker*; an earlier measurement gave 1,940/s, the higher "
              "and fresher figure is the one held to the target).",
-             f"- Spread across four full runs of this version on {SPREAD_DATE} (the same command, minutes apart): "
-             "unary p50 531-630 us; one client's notifications 174-193k/s, 60-80 % of direct (paired); 16 "
-             "concurrent Sessions 6.8-8.1k/s; start to SERVING 136-217 ms; RSS peak over the slow-reader turn "
+             f"- Spread across five full runs of this version on {SPREAD_DATE} (the same command, minutes apart): "
+             "unary p50 511-630 us; one client's notifications 174-209k/s, 60-80 % of direct (paired); 16 "
+             "concurrent Sessions 6.8-8.3k/s; start to SERVING 136-217 ms; RSS peak over the slow-reader turn "
              "99-112 MB. Whether a figure near its target passes depends on the run.",
              f"- Traffic workloads run {_times(get(r, 'config.reps') or 1)} each, alternating direct and broker; the "
              "tables show medians (unary percentiles over the pooled samples). The machine is shared: the "

@@ -11,8 +11,6 @@ from typing import Any
 
 import grpc
 
-from proxy.config import TokenError, is_loopback, read_token_file  # noqa: F401 - this module's API too
-
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 

@@ -26,15 +26,7 @@ from proxy import __version__, jsonrpc
 from proxy import child as child_process
 from proxy.appserver import AppServerProcess
 from proxy.auth import BearerTokenInterceptor
-from proxy.config import (  # noqa: F401 - ConfigError, StartError and the endpoint parsers are this module's API too
-    MAX_SOCKET_PATH,
-    BrokerFiles,
-    ConfigError,
-    ServeConfig,
-    StartError,
-    parse_endpoint,
-    parse_tcp_endpoint,
-)
+from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message

@@ -97,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
     setup_logging()
+    log = logging.getLogger("codex_broker.proxy")
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
         print(f"codex-broker serve: --cwd is not a directory: {cwd}", file=sys.stderr)
@@ -127,15 +128,14 @@ def run_serve(args: argparse.Namespace) -> int:
             except ConfigError:
                 files.remove()
                 raise
-            logging.getLogger("codex_broker.proxy").info("app-server started pid=%d", child.pid)
+            log.info("app-server started pid=%d", child.pid)
         except ConfigError as exc:
             print(f"codex-broker serve: {exc}", file=sys.stderr)
             return 2
         from proxy.broker import Broker  # the app-server starts meanwhile
 
         if early_signals:
-            logging.getLogger("codex_broker.proxy").info(
-                "stopped by %s before ready", signal.Signals(early_signals[0]).name)
+            log.info("stopped by %s before ready", signal.Signals(early_signals[0]).name)
             files.remove()
             return 0
         _tune_malloc()

@@ -14,7 +14,8 @@ import psutil
 from conftest import fake_command, new_marker, processes_with, short_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proxy.broker import Broker, ServeConfig
+from proxy.broker import Broker
+from proxy.config import ServeConfig
 
 
 def test_broker_run_in_process_spawns_serves_and_cleans_up():

@@ -135,6 +135,26 @@ def prove_broker(endpoint: str, pid: int, instance_id: str) -> ProcessIdentity:
     return ProcessIdentity(pid, create_time)
 
 
+def prove_recorded_broker(pid: int, create_time: float, instance_id: str, socket_path: str) -> ProcessIdentity:
+    """The identity of a broker known by what it was started as (a record, or its own command
+    line found by a process scan), whether or not it still answers; IdentityError unless:
+
+    - ``pid`` is alive, not a zombie, created at ``create_time``, and runs as this user;
+    - its own command line is exactly a serve argv carrying ``--instance-id instance_id``;
+    - if anything accepts connections on ``socket_path``, the kernel names ``pid`` as the
+      listener (a broker whose socket was deleted, or that never bound it, has no listener)."""
+    if not is_same_process(pid, create_time):
+        raise IdentityError(f"pid {pid} is not the process created at {create_time:.2f}")
+    if not is_ours(pid):
+        raise IdentityError(f"pid {pid} does not run as this user")
+    if not runs_instance(pid, instance_id):
+        raise IdentityError(f"pid {pid} is not a codex-broker serve process with --instance-id {instance_id}")
+    peer = peer_credentials(socket_path)
+    if peer is not None and peer != (pid, os.getuid()):
+        raise IdentityError(f"pid {peer[0]} (uid {peer[1]}), not pid {pid}, listens on {socket_path}")
+    return ProcessIdentity(pid, create_time)
+
+
 def _prove_unix(endpoint: str, pid: int) -> None:
     try:
         path = contract.parse_unix_endpoint(endpoint)

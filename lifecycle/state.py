@@ -201,6 +201,11 @@ class WorkspaceState:
         return cls(base / WORKSPACES_DIR_NAME / workspace_key(cwd))
 
     @property
+    def root(self) -> Path:
+        """The state root this workspace belongs to (``<root>/workspaces/<key>``), absolute."""
+        return Path(os.path.abspath(self.path)).parent.parent
+
+    @property
     def record_path(self) -> Path:
         return self.path / RECORD_NAME
 

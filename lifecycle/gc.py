@@ -19,9 +19,9 @@ Nothing is acted on without proof; each rule below is what a fast path relies on
   credentials name it), each signal re-checking the create time.
 - A directory is deleted only if it provably is a dead session directory spawn created: named as
   spawn names them, directly inside the runtime directory (real path), ours and not a symlink,
-  older than the spawn deadline, holding nothing but what a broker leaves there, with no serve
-  process naming it, nothing accepting connections on its socket and its pid file naming no live
-  process. All of it is checked again right before the deletion, which removes those files
+  older than the spawn deadline, holding nothing but what a broker leaves there, with no process
+  of ours naming it in its command line, nothing accepting connections on its socket and its pid
+  file naming no live process. All of it is checked again right before the deletion, which removes those files
   through a descriptor of the directory and then the directory itself.
 - Each problem is one line of the report, and gc goes on with the next broker or directory."""
 from __future__ import annotations
@@ -253,8 +253,12 @@ def dead_session_dir_problem(path: Path, runtime: Path, young: float) -> str | N
 
 
 def _in_use(path: Path) -> bool:
+    """A serve process listens there, or any process of ours names it in its command line, or
+    something accepts connections on its socket, or its pid file names a live process."""
     real = os.path.realpath(path)
     if any(os.path.realpath(p.session_dir) == real for p in serve_processes()):
+        return True
+    if _named_by_a_process({str(path), real}):
         return True
     sock = path / contract.SOCKET_NAME
     if sock.exists() and identity.peer_credentials(str(sock), timeout=1.0) is not None:
@@ -263,6 +267,18 @@ def _in_use(path: Path) -> bool:
 
     pid = read_pid(str(path / contract.PID_FILE_NAME))
     return pid is not None and identity.process_create_time(pid) is not None
+
+
+def _named_by_a_process(paths: set[str]) -> bool:
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids", "cmdline", "status"]):
+        info = proc.info
+        if not info.get("uids") or info["uids"].real != uid or info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        for arg in info.get("cmdline") or ():
+            if any(arg.endswith(p) or p + "/" in arg for p in paths):
+                return True
+    return False
 
 
 def _remove_session_dir(path: Path) -> None:

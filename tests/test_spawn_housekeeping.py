@@ -97,21 +97,22 @@ def world(tmp_path: Path) -> Iterator[World]:
 def test_log_pruning_keeps_the_log_of_a_broker_still_draining(world: World) -> None:
     old = world.ensure()
     old_proc = process(old.pid)
-    turn = world.turn(old.endpoint, "seconds=30 deltas=30")
+    turn = world.turn(old.endpoint, "seconds=40 deltas=40")
     turn.wait_first_delta()
+    rotate_broker(world.workspace, env=world.env)  # the old broker drains, its turn still running
     logs = Path(old.log_file).parent
     now = time.time()
-    os.utime(old.log_file, (now - 7200, now - 7200))  # the oldest log of all
+    os.utime(old.log_file, (now - 7200, now - 7200))  # it has been quiet for long: the oldest log of all
     others = []
-    for i in range(12):  # newer than the running broker's log, older than the next one
+    for i in range(12):  # newer than the draining broker's log, older than the next one
         path = logs / f"broker-20200101T0000{i:02d}-{i:08x}.log"
         path.write_text("an old broker's log\n")
         os.utime(path, (now - 3600 + i, now - 3600 + i))
         others.append(path)
 
-    new = rotate_broker(world.workspace, env=world.env)  # the old broker drains, its turn still running
+    newest = rotate_broker(world.workspace, env=world.env)  # a spawn prunes the logs
 
-    assert new.pid != old.pid and old_proc.is_running()
+    assert old_proc.is_running() and turn.ended_at is None, "the draining broker ended before the check"
     assert Path(old.log_file).exists(), "the log of a broker still running was deleted"
     assert [p.exists() for p in others] == [False] * 3 + [True] * 9, "pruning did not keep the newest logs"
-    assert Path(new.log_file).exists()
+    assert Path(newest.log_file).exists()

@@ -223,7 +223,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from lifecycle.errors import DrainTimeout
 
     record = None if args.endpoint else _recorded(args)
-    with BrokerClient(args.endpoint or record.endpoint, token=_token(args)) as client:
+    endpoint = args.endpoint if record is None else record.endpoint
+    with BrokerClient(endpoint, token=_token(args)) as client:
         status = client.status(timeout=5.0)
         proven = _broker_identity(client, record, status) if args.wait else None
         reply = client.drain(args.deadline or 0.0, reason=args.reason or "codex-broker drain", force=args.force)

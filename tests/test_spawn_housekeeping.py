@@ -116,3 +116,14 @@ def test_log_pruning_keeps_the_log_of_a_broker_still_draining(world: World) -> N
     assert Path(old.log_file).exists(), "the log of a broker still running was deleted"
     assert [p.exists() for p in others] == [False] * 3 + [True] * 9, "pruning did not keep the newest logs"
     assert Path(newest.log_file).exists()
+
+
+def test_a_workspace_holding_a_proxy_package_does_not_shadow_the_broker(world: World) -> None:
+    shadow = world.workspace / "proxy"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "__main__.py").write_text("import sys\nsys.exit('the workspace proxy package ran')\n")
+
+    broker = world.ensure()
+
+    assert world.client(broker.endpoint).health() == "SERVING"

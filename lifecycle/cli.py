@@ -246,7 +246,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
     stopped (--force) by its record, which ``kill_broker`` verifies again."""
     from lifecycle.client import BrokerClient
     from lifecycle.errors import BrokerError, DrainTimeout
-    from lifecycle.identity import ProcessIdentity
 
     record = None if args.endpoint else _recorded(args)
     endpoint = args.endpoint if record is None else record.endpoint
@@ -256,16 +255,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
         except BrokerError:
             if record is None or not args.force:
                 raise
-            proven = ProcessIdentity(record.pid, record.create_time)  # not answering: forced stop by record
+            proven = _recorded_identity(record)  # not answering: forced stop by record
         else:
             proven = _broker_identity(client, record, status)
             client.drain(0.0, reason="codex-broker stop" + (" --force" if args.force else ""), force=args.force)
-    pid = proven.pid
-    if args.force:
+    if proven is None:  # the recorded broker is gone already
+        assert record is not None
+        pid = record.pid
+    elif args.force:
+        pid = proven.pid
         if not _wait_exit(pid, proven.create_time, 5.0, "exit"):
             _force_kill(record, proven)
-    elif not _wait_exit(pid, proven.create_time, args.timeout, "finish its turns and exit"):
-        raise DrainTimeout(f"broker pid {pid} still draining after {args.timeout:g} s (stop --force interrupts)")
+    else:
+        pid = proven.pid
+        if not _wait_exit(pid, proven.create_time, args.timeout, "finish its turns and exit"):
+            raise DrainTimeout(f"broker pid {pid} still draining after {args.timeout:g} s (stop --force interrupts)")
     if record is not None:
         from lifecycle.ensure import remove_session_dir, workspace_state
 
@@ -273,6 +277,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
         remove_session_dir(record)
     print(f"broker pid {pid} stopped")
     return EXIT_OK
+
+
+def _recorded_identity(record: Any) -> Any:
+    """The identity of a recorded broker that does not answer (``identity.prove_recorded_broker``),
+    or None when it is no longer running; IdentityError when the pid is some other process."""
+    from lifecycle import identity
+    from proxy import contract
+
+    if not identity.is_same_process(record.pid, record.create_time):
+        return None
+    try:
+        socket_path = "" if contract.is_tcp(record.endpoint) else contract.parse_unix_endpoint(record.endpoint)
+    except contract.EndpointError:
+        socket_path = ""  # no listener can be asked: the command line is the proof
+    return identity.prove_recorded_broker(record.pid, record.create_time, record.instance_id, socket_path)
 
 
 def _force_kill(record: Any, proven: Any) -> None:

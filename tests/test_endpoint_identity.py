@@ -167,3 +167,16 @@ def test_stop_by_tcp_endpoint_needs_a_broker_started_with_its_instance_id(world:
         assert stopped.returncode == 0, stopped
         assert stopped.stdout.strip().endswith(f"broker pid {proc.pid} stopped")
         assert proc.wait(timeout=10) == 0
+
+
+def test_stop_force_kills_a_recorded_broker_that_does_not_answer_by_its_proven_record(world: World) -> None:
+    broker = world.ensure()
+    proc = process(broker.pid)
+    proc.suspend()  # Status cannot answer; the kernel still names it as its socket's listener
+
+    result = world.cli("stop", "--force")
+
+    assert result.returncode == 0, result
+    assert result.stdout.strip().endswith(f"broker pid {broker.pid} stopped")
+    assert wait_exit(proc, 10)
+    assert world.record() is None

@@ -102,6 +102,7 @@ def collect(env: Mapping[str, str] | None = None, *, dry_run: bool = False,
     action taken (or, with ``dry_run``, that would be taken) and per problem met."""
     settings = settings if settings is not None else Settings.from_env(env)
     runtime = settings.runtime_dir()
+    settings.spawn_timeout  # noqa: B018 (a bad CODEX_BROKER_SPAWN_TIMEOUT is one UsageError, up front)
     processes = serve_processes()
     brokers = [p for p in processes if in_spawn_layout(p.socket_path, runtime)]
     actions: list[str] = []

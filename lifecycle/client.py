@@ -21,22 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lifecycle.errors import AppServerError, CallTimeout, ConnectError, HealthTimeout, SessionClosed
 from protos import broker_pb2, broker_pb2_grpc
+from proxy.contract import CHANNEL_OPTIONS
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.initial_reconnect_backoff_ms", 20),
-    # Despite its name, this is gRPC's minimum *connect timeout*: at 20 ms a healthy broker that
-    # was slow to send its HTTP/2 SETTINGS (a loaded machine) looked unreachable, i.e. wedged, and
-    # got killed with its turns. Connecting is bounded by each RPC's own deadline instead.
-    ("grpc.min_reconnect_backoff_ms", 20_000),
-    ("grpc.max_reconnect_backoff_ms", 200),
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 3000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.enable_retries", 0),
-]
 HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _CLOSE = object()
 

@@ -1,11 +1,20 @@
 """``codex-broker serve`` (also ``python -m proxy serve``): run one broker in the foreground.
 
-Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died or could not be
-initialized, 2 bad input (missing app-server binary, bad endpoint, occupied path)."""
+Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died, wedged while
+draining or could not be initialized (or the broker failed), 2 bad input (missing app-server
+binary, bad endpoint, occupied path).
+
+The log goes to stderr, or with ``--log-file PATH`` to that file, rotated by size: PATH never
+passes ``--log-max-bytes`` (default 8 MiB); when it would, it becomes PATH's name with ``.1``
+before the suffix (``broker.1.log``, replacing the previous one) and a fresh PATH starts, so a
+broker's log takes at most twice the cap. The process's own stdout and stderr (a traceback,
+grpc's native messages) follow the current file."""
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import math
 import os
 import shlex
 import signal
@@ -14,16 +23,65 @@ import time
 from collections.abc import Mapping
 
 DEFAULT_APP_SERVER = "codex app-server"
+DEFAULT_LOG_MAX_BYTES = 8 << 20
+MIN_LOG_MAX_BYTES = 64 << 10
+
+
+MAX_RECORD = 16384  # characters of one log record's message (a traceback may follow)
 
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z codex-broker[{os.getpid()}] {record.levelname} {record.getMessage()}"
+        message = record.getMessage()
+        if len(message) > MAX_RECORD:
+            message = f"{message[:MAX_RECORD]}... ({len(message)} characters)"
+        text = f"{stamp}.{int(record.msecs):03d}Z codex-broker[{os.getpid()}] {record.levelname} {message}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)[-MAX_RECORD:]
+        return text
 
 
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """Size-rotated log file (one previous file kept, named by ``_rotated_name``) that the
+    process's stdout and stderr follow, so nothing written there escapes the rotation."""
+
+    def __init__(self, path: str, max_bytes: int):
+        super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", errors="replace")
+        self.namer = _rotated_name
+        self._follow()
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
+        """In bytes, counting what else was written to the file (the base class counts characters)."""
+        if self.stream is None:
+            self.stream = self._open()
+        size = len((self.format(record) + "\n").encode("utf-8", "replace"))
+        self.stream.seek(0, 2)
+        return self.stream.tell() > 0 and self.stream.tell() + size > self.maxBytes
+
+    def doRollover(self) -> None:  # noqa: N802 (logging's name)
+        super().doRollover()
+        self._follow()
+
+    def _follow(self) -> None:
+        if self.stream is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd in (1, 2):
+                os.dup2(self.stream.fileno(), fd)
+
+
+def _rotated_name(default: str) -> str:
+    """``broker-X.log.1`` -> ``broker-X.1.log`` (the log's pattern still matches it)."""
+    base, _, number = default.rpartition(".")
+    stem, dot, suffix = base.rpartition(".")
+    return f"{stem}.{number}.{suffix}" if dot and "/" not in suffix else default
+
+
+def setup_logging(log_file: str | None = None, max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
+    """Records go to stderr, or to ``log_file`` rotated at ``max_bytes`` (OSError if it cannot
+    be opened)."""
+    handler: logging.Handler = _LogFile(log_file, max_bytes) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     for name in ("codex_broker.proxy", "codex_broker.lifecycle"):
         logger = logging.getLogger(name)
@@ -55,8 +113,15 @@ def app_server_command(flag: str | None) -> list[str]:
 
 def _positive(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _log_bytes(text: str) -> int:
+    value = int(text)
+    if value < MIN_LOG_MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LOG_MAX_BYTES}, got {text}")
     return value
 
 
@@ -79,11 +144,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-timeout", type=_positive, default=3.0, metavar="S",
                    help="unanswered this long = wedged, NOT_SERVING (default 3)")
     p.add_argument("--drain-deadline", type=_positive, default=3600.0, metavar="S",
-                   help="default drain deadline before turns are interrupted (default 3600)")
+                   help="default drain deadline before turns are interrupted (default 3600; a longer one, "
+                        "here or in a Drain, is cut to 86400)")
     p.add_argument("--idle-timeout", type=_positive, default=1800.0, metavar="S",
                    help="exit after this long with no Sessions and no work; 0 = never (default 1800)")
     p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
                    help="a Session further behind than this is dropped (default 8 MiB)")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="log to this file (and send stdout/stderr there) instead of stderr, rotated by size")
+    p.add_argument("--log-max-bytes", type=_log_bytes, default=DEFAULT_LOG_MAX_BYTES, metavar="N",
+                   help="--log-file never grows past N bytes; then it is rotated to NAME.1.SUFFIX, replacing "
+                        f"the previous one (default {DEFAULT_LOG_MAX_BYTES >> 20} MiB, at least {MIN_LOG_MAX_BYTES})")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -96,12 +167,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from proxy import child as child_process
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
-    setup_logging()
+    try:
+        setup_logging(args.log_file, args.log_max_bytes)
+    except OSError as exc:
+        print(f"codex-broker serve: cannot open --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return 2
     log = logging.getLogger("codex_broker.proxy")
+
+    def refuse(message: str, code: int) -> int:
+        """One line on stderr (the log file's last line with --log-file), and the exit code."""
+        print(f"codex-broker serve: {message}", file=sys.stderr, flush=True)
+        return code
+
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
-        print(f"codex-broker serve: --cwd is not a directory: {cwd}", file=sys.stderr)
-        return 2
+        return refuse(f"--cwd is not a directory: {cwd}", 2)
     try:
         config = ServeConfig(endpoint=args.endpoint, app_server=app_server_command(args.app_server), cwd=cwd,
                              pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
@@ -113,7 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config.token_file = os.path.abspath(args.token_file) if args.token_file else None
         config.allow_remote = args.allow_remote
     except SystemExit as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=sys.stderr, flush=True)
         return 2
     files = BrokerFiles(config)
     early_signals: list[int] = []
@@ -121,6 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     child = None
     try:
+        subreaper = child_process.become_subreaper()  # before the spawn: the app-server's orphans come here
         try:
             files.prepare()  # before anything starts; leaves nothing behind when it refuses
             try:
@@ -130,8 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 raise
             log.info("app-server started pid=%d", child.pid)
         except ConfigError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 2
+            return refuse(str(exc), 2)
         from proxy.broker import Broker  # the app-server starts meanwhile
 
         if early_signals:
@@ -142,13 +222,12 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             import asyncio
 
-            return asyncio.run(Broker(config, files=files, child=child, early_signals=early_signals).run())
+            broker = Broker(config, files=files, child=child, early_signals=early_signals, subreaper=subreaper)
+            return asyncio.run(broker.run())
         except ConfigError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 2
+            return refuse(str(exc), 2)
         except StartError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 1
+            return refuse(str(exc), 1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

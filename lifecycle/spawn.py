@@ -87,7 +87,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     log_file = _log_file(state, instance_id)
     argv = [sys.executable, "-m", "proxy", "serve", "--endpoint", endpoint, "--cwd", cwd,
             "--app-server", shlex.join(command), "--instance-id", instance_id,
-            "--pid-file", str(session_dir / "broker.pid")]
+            "--pid-file", str(session_dir / "broker.pid"), "--log-file", str(log_file)]
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)

@@ -38,7 +38,7 @@ EXIT_AFTER_EOF = 0.5  # after stdout closed, how long to wait for the exit (for 
 
 
 class RateLimit:
-    """A token bucket: ``allow(now)`` is True for at most ``burst`` events at once and ``rate``
+    """A token bucket: ``take(now, n)`` grants at most ``burst`` events at once and ``rate``
     per second on average; refused events are counted until ``take_dropped``."""
 
     def __init__(self, rate: float, burst: int):
@@ -48,15 +48,15 @@ class RateLimit:
         self._at: float | None = None
         self.dropped = 0
 
-    def allow(self, now: float) -> bool:
+    def take(self, now: float, n: int) -> int:
+        """How many of ``n`` events may go now (the first ones); the rest count as dropped."""
         if self._at is not None:
             self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
         self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        self.dropped += 1
-        return False
+        granted = min(n, int(self._tokens))
+        self._tokens -= granted
+        self.dropped += n - granted
+        return granted
 
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0
@@ -116,6 +116,11 @@ class LineSplitter:
         if len(self._buf) > self._max:
             self._skipping = len(self._buf)
             self._buf.clear()
+
+
+def _stderr_text(raw: bytes | bytearray) -> str:
+    line = raw[:STDERR_LINE_MAX * 4].decode("utf-8", "replace").rstrip()
+    return f"{line[:STDERR_LINE_MAX]}... ({len(raw)} bytes)" if len(line) > STDERR_LINE_MAX else line
 
 
 class _ReadSide(asyncio.Protocol):
@@ -213,24 +218,22 @@ class AppServerProcess:
         log.warning("app-server line skipped: %d bytes exceeds the line limit", size)
 
     def _on_stderr(self, data: bytes) -> None:
-        """Every line joins the tail (for the exit's description); the log gets them through
-        the rate limit, each cut to STDERR_LINE_MAX characters."""
+        """The last lines make the tail (for the exit's description); the log gets the lines
+        the rate limit grants, each cut to STDERR_LINE_MAX characters. Lines beyond the limit
+        are only counted (no decoding), so a flood costs the broker little more than reading."""
         self._stderr_buf += data
-        *lines, rest = self._stderr_buf.split(b"\n")
+        *raw_lines, rest = self._stderr_buf.split(b"\n")
         self._stderr_buf = bytearray(rest[-65536:])
-        now = time.monotonic()
-        for raw in lines:
-            line = raw[:STDERR_LINE_MAX * 4].decode("utf-8", "replace").rstrip()
-            if not line:
-                continue
-            if len(line) > STDERR_LINE_MAX:
-                line = f"{line[:STDERR_LINE_MAX]}... ({len(raw)} bytes)"
-            self.stderr_tail.append(line)
-            if self._stderr_limit.allow(now):
-                log.info("app-server: %s", line)
-            elif self._stderr_summary is None:
-                self._stderr_summary = asyncio.get_running_loop().call_later(
-                    STDERR_SUMMARY_EVERY, self._summarize_dropped)
+        lines = [raw for raw in raw_lines if raw.strip()]
+        if not lines:
+            return
+        self.stderr_tail.extend(_stderr_text(raw) for raw in lines[-STDERR_TAIL_LINES:])
+        granted = self._stderr_limit.take(time.monotonic(), len(lines))
+        for raw in lines[:granted]:
+            log.info("app-server: %s", _stderr_text(raw))
+        if granted < len(lines) and self._stderr_summary is None:
+            self._stderr_summary = asyncio.get_running_loop().call_later(STDERR_SUMMARY_EVERY,
+                                                                         self._summarize_dropped)
 
     def _summarize_dropped(self) -> None:
         self._stderr_summary = None

@@ -175,10 +175,11 @@ class Broker:
             self._spawn(self.health.run(), "health")
             self._spawn(self._watch_app_server(), "app-server")
             self._spawn(self._idle_loop(), "idle")
-            await self.health.publish()
+            serving = await self.health.publish()
             log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
                      self.app.pid if self.app else None, self.config.instance_id)
-            self.ready.set()
+            if serving:  # else the app-server is already gone, and the broker about to stop
+                self.ready.set()
             await self._stop.wait()
         finally:
             await self._shutdown()

@@ -228,6 +228,9 @@ def run_serve(args: argparse.Namespace) -> int:
             return refuse(str(exc), 2)
         except StartError as exc:
             return refuse(str(exc), 1)
+        except Exception as exc:  # a bug: said once, in the log, with its traceback; exit 1
+            log.error("the broker failed: %r", exc, exc_info=exc)
+            return refuse(f"the broker failed: {exc!r}", 1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

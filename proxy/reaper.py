@@ -58,7 +58,7 @@ class Reaper:
             procs = self._children(recursive=True)
             if not procs:
                 return
-            log.warning("stopping %d descendants left behind: %s", len(procs),
+            log.warning("stopping the descendants left behind (%d): %s", len(procs),
                         ", ".join(f"{p.pid} {_name(p)}" for p in procs[:10]))
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 for proc in procs:

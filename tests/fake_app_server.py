@@ -550,8 +550,8 @@ class FakeAppServer:
     def m_fake_spawn(self, req_id, params):
         sleeper = [sys.executable, "-c", f"import time; time.sleep({float(params.get('seconds', 60))})", *ARGS]
         if params.get("orphan"):
-            middle = ("import subprocess, sys; p = subprocess.Popen(sys.argv[1:], start_new_session=True); "
-                      "print(p.pid, flush=True)")
+            middle = ("import subprocess, sys; p = subprocess.Popen(sys.argv[1:], start_new_session=True, "
+                      "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL); print(p.pid, flush=True)")
             out = subprocess.run([sys.executable, "-c", middle, *sleeper], stdout=subprocess.PIPE,
                                  stdin=subprocess.DEVNULL, check=True).stdout
             pid = int(out)

@@ -8,9 +8,11 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 from conftest import SERVING, run_serve, wait_for
+from lifecycle_support import world_for
 
-from proxy.appserver import STDERR_BURST, STDERR_RATE
+from proxy.appserver import STDERR_BURST, STDERR_RATE, RateLimit
 
 MIB = 1 << 20
 
@@ -22,6 +24,16 @@ def flood(b, seconds: float, line_bytes: int = 200) -> int:
     assert b.health() == SERVING
     assert time.monotonic() - start < seconds + 30
     return json.loads(reply.result_json)["lines"]
+
+
+def test_rate_limit_grants_a_burst_then_the_rate_and_counts_the_rest():
+    limit = RateLimit(rate=10.0, burst=5)
+    assert limit.take(100.0, 8) == 5
+    assert limit.take(100.0, 1) == 0
+    assert limit.take(100.5, 10) == 5  # 0.5 s at 10/s
+    assert limit.take(200.0, 100) == 5  # refilled to the burst, not beyond
+    assert limit.take_dropped() == 3 + 1 + 5 + 95
+    assert limit.take_dropped() == 0
 
 
 def test_an_app_server_flooding_stderr_is_rate_limited_and_the_drops_summarized(broker):
@@ -61,3 +73,12 @@ def test_serve_with_a_log_file_writes_its_refusal_as_the_last_line_there(tmp_pat
     assert result.stderr == ""
     last = path.read_text().splitlines()[-1]
     assert last.startswith("codex-broker serve: unsupported endpoint"), last
+
+
+def test_a_spawned_broker_writes_its_own_size_capped_log(tmp_path: Path):
+    with world_for(tmp_path) as world:
+        session = world.ensure()
+        argv = psutil.Process(session.pid).cmdline()
+        assert argv[argv.index("--log-file") + 1] == session.log_file
+        assert f"ready endpoint={session.endpoint}" in Path(session.log_file).read_text()
+

@@ -404,8 +404,8 @@ class Broker:
         stops (exit 1) instead of waiting out the deadline."""
         if self.state != S.BROKER_STATE_DRAINING or self.hub.gone is not None:
             return
-        silence = time.monotonic() - max(self.hub.last_response, self.hub.oldest_pending() or 0.0)
-        why = f"app-server stopped answering ({silence:.1f} s without a response) while the broker was draining"
+        waited = time.monotonic() - (self.hub.oldest_pending() or time.monotonic())
+        why = f"app-server stopped answering (a request unanswered for {waited:.1f} s) while the broker was draining"
         log.error("%s; failing %d turns and %d requests and stopping", why, len(self.hub.turns),
                   self.hub.pending_work)
         self._app_wedged = True

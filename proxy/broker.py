@@ -144,15 +144,17 @@ class Broker:
         """Serves until stopped; returns the exit code. ConfigError for bad input. The signal
         handlers it installs are removed when it returns, whatever the way."""
         loop = asyncio.get_running_loop()
+        signals: list[signal.Signals] = [*STOP_SIGNALS]
         for sig in STOP_SIGNALS:  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.reaper is not None:
             loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap_orphans)
+            signals.append(signal.SIGCHLD)
             self.reaper.reap_orphans()  # those that ended before the handler existed
         try:
             return await self._run()
         finally:
-            for sig in (*STOP_SIGNALS, signal.SIGCHLD):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
     async def _run(self) -> int:

@@ -209,6 +209,8 @@ class Broker:
                 await self.app.stop(polite_wait=0.5, term_wait=1.0)
             elif self._child is not None:
                 child_process.kill(self._child)
+            if self.reaper is not None:
+                await self.reaper.stop_descendants()
             self.files.remove()
             raise
 

@@ -110,11 +110,13 @@ fake/stderrFlood {seconds, lineBytes?}  writes lines of lineBytes (default 200) 
                             served), then answers {"lines": N}.
 fake/closeStdout            closes its stdout without answering and keeps running (reading
                             stdin; it exits on stdin EOF or a signal as usual).
-fake/spawn {seconds, orphan?}  starts a process that sleeps that many seconds, in a new session
-                            (setsid), with this server's own arguments on its command line (so
-                            a --marker finds it); answers {"pid": its pid}. orphan=true: started
-                            through a middle process that exits at once, so it is orphaned and
-                            reparented (to the nearest child subreaper, else init).
+fake/spawn {seconds, orphan?, holdStdout?}  starts a process that sleeps that many seconds, in
+                            a new session (setsid), with this server's own arguments on its
+                            command line (so a --marker finds it); answers {"pid": its pid}.
+                            orphan=true: started through a middle process that exits at once,
+                            so it is orphaned and reparented (to the nearest child subreaper,
+                            else init). holdStdout=true: it inherits this server's stdout, which
+                            then stays open after this server exits.
 
 Environment variables
 ---------------------
@@ -556,8 +558,8 @@ class FakeAppServer:
                                  stdin=subprocess.DEVNULL, check=True).stdout
             pid = int(out)
         else:
-            pid = subprocess.Popen(sleeper, start_new_session=True, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL).pid
+            stdout = None if params.get("holdStdout") else subprocess.DEVNULL
+            pid = subprocess.Popen(sleeper, start_new_session=True, stdin=subprocess.DEVNULL, stdout=stdout).pid
         self.reply(req_id, {"pid": pid})
 
     # -- streaming turn ------------------------------------------------------

@@ -72,6 +72,17 @@ def test_an_app_server_that_closes_its_stdout_but_runs_on_is_gone_and_the_broker
     assert not wait_gone([app], 5)
 
 
+def test_an_app_server_whose_stdout_a_descendant_holds_is_gone_soon_after_its_exit(broker):
+    b = broker()
+    holder = psutil.Process(json.loads(b.call("fake/spawn", {"seconds": 300, "holdStdout": True}).result_json)["pid"])
+    start = time.monotonic()
+    reply = b.call("fake/exit", {"code": 4}, timeout=30)
+    assert "exited with status 4" in reply.error.message, reply
+    assert b.wait_exit(30) == 1
+    assert time.monotonic() - start < 15
+    assert not wait_gone([holder], 5)  # and the broker, its subreaper, stopped the holder
+
+
 # -- a wedge while draining --------------------------------------------------------------
 def test_a_wedge_while_draining_fails_the_turns_within_seconds_and_exits_1(broker):
     b = broker()  # default settings: probe every 1 s, wedged after 3 s, drain deadline 1 hour

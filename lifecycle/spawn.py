@@ -112,7 +112,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     log_file = _log_file(state, instance_id)
     argv = contract.build_serve_argv(sys.executable, endpoint=endpoint, cwd=cwd, app_server=shlex.join(command),
                                      instance_id=instance_id, pid_file=str(session_dir / contract.PID_FILE_NAME),
-                                     state_root=str(state.root))
+                                     state_root=str(state.root), log_file=str(log_file))
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)

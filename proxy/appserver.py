@@ -1,11 +1,16 @@
 """The app-server subprocess: spawn it in its own process group with a parent-death signal,
-split its stdout into lines, tee its stderr into the broker log while keeping a tail, write
-to its stdin, and stop it with escalation (close stdin, SIGTERM, SIGKILL; the whole group).
+split its stdout into lines, pass its stderr to the broker's log (rate-limited) while keeping
+a tail, write to its stdin, and stop it with escalation (close stdin, SIGTERM, SIGKILL; the
+whole group).
 
 The child is a plain ``subprocess.Popen`` (see ``proxy.child``; `serve` spawns it before the
 broker's heavy imports) whose pipes are attached to the event loop here. Reading is a protocol
 rather than a StreamReader: every chunk is split and handed to the hub synchronously, so a
-burst of notifications costs no await per line. The exit is watched on a pidfd."""
+burst of notifications costs no await per line. The exit is watched on a pidfd.
+
+The app-server is gone when it has exited or when it has closed its stdout (nothing it could
+still do would reach anyone): ``wait_gone`` returns on whichever comes first, then waits a
+moment for the other, so the reason names the exit status when there is one."""
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +20,8 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from proxy import child as child_process
@@ -24,6 +29,38 @@ from proxy import child as child_process
 log = logging.getLogger("codex_broker.proxy")
 
 STDERR_TAIL_LINES = 40
+STDERR_LINE_MAX = 4096  # characters of one stderr line that reach the log
+STDERR_RATE = 50.0  # stderr lines per second that reach the log, on average ...
+STDERR_BURST = 200  # ... with bursts up to this many; the rest are counted and summarized
+STDERR_SUMMARY_EVERY = 5.0  # seconds between summaries of dropped lines while they are dropped
+STDOUT_AFTER_EXIT = 1.0  # after the exit, how long the rest of stdout may take (a descendant may hold it)
+EXIT_AFTER_EOF = 0.5  # after stdout closed, how long to wait for the exit (for its status)
+
+
+class RateLimit:
+    """A token bucket: ``take(now, n)`` grants at most ``burst`` events at once and ``rate``
+    per second on average; refused events are counted until ``take_dropped``."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None
+        self.dropped = 0
+
+    def take(self, now: float, n: int) -> int:
+        """How many of ``n`` events may go now (the first ones); the rest count as dropped."""
+        if self._at is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        granted = min(n, int(self._tokens))
+        self._tokens -= granted
+        self.dropped += n - granted
+        return granted
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
 
 
 class LineSplitter:
@@ -81,6 +118,11 @@ class LineSplitter:
             self._buf.clear()
 
 
+def _stderr_text(raw: bytes | bytearray) -> str:
+    line = raw[:STDERR_LINE_MAX * 4].decode("utf-8", "replace").rstrip()
+    return f"{line[:STDERR_LINE_MAX]}... ({len(raw)} bytes)" if len(line) > STDERR_LINE_MAX else line
+
+
 class _ReadSide(asyncio.Protocol):
     """stdout (fd 1) or stderr (fd 2) of the child."""
 
@@ -116,6 +158,8 @@ class AppServerProcess:
         self.env = env
         self._stdout = LineSplitter(on_lines, self._on_oversized, max_line)
         self._stderr_buf = bytearray()
+        self._stderr_limit = RateLimit(STDERR_RATE, STDERR_BURST)
+        self._stderr_summary: asyncio.TimerHandle | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._stdout_closed = asyncio.Event()
         self._exited = asyncio.Event()
@@ -174,16 +218,28 @@ class AppServerProcess:
         log.warning("app-server line skipped: %d bytes exceeds the line limit", size)
 
     def _on_stderr(self, data: bytes) -> None:
+        """The last lines make the tail (for the exit's description); the log gets the lines
+        the rate limit grants, each cut to STDERR_LINE_MAX characters. Lines beyond the limit
+        are only counted (no decoding), so a flood costs the broker little more than reading."""
         self._stderr_buf += data
-        *lines, rest = self._stderr_buf.split(b"\n")
+        *raw_lines, rest = self._stderr_buf.split(b"\n")
         self._stderr_buf = bytearray(rest[-65536:])
-        for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.stderr_tail.append(line)
-                sys.stderr.write(f"app-server: {line}\n")
-        if lines:
-            sys.stderr.flush()
+        lines = [raw for raw in raw_lines if raw.strip()]
+        if not lines:
+            return
+        self.stderr_tail.extend(_stderr_text(raw) for raw in lines[-STDERR_TAIL_LINES:])
+        granted = self._stderr_limit.take(time.monotonic(), len(lines))
+        for raw in lines[:granted]:
+            log.info("app-server: %s", _stderr_text(raw))
+        if granted < len(lines) and self._stderr_summary is None:
+            self._stderr_summary = asyncio.get_running_loop().call_later(STDERR_SUMMARY_EVERY,
+                                                                         self._summarize_dropped)
+
+    def _summarize_dropped(self) -> None:
+        self._stderr_summary = None
+        dropped = self._stderr_limit.take_dropped()
+        if dropped:
+            log.warning("app-server: %d stderr lines not logged (more than %g lines/s)", dropped, STDERR_RATE)
 
     # -- input to the child --------------------------------------------------------------
     def write_buffer_size(self) -> int:
@@ -205,7 +261,9 @@ class AppServerProcess:
 
     def describe_exit(self) -> str:
         code = self.returncode
-        if code is None:
+        if code is None and self.stdout_closed:
+            status = f"closed its stdout (pid {self.pid} still running)"
+        elif code is None:
             status = "is still running"
         elif code < 0:
             try:
@@ -217,10 +275,24 @@ class AppServerProcess:
         tail = " | ".join(list(self.stderr_tail)[-5:])
         return f"app-server {status}" + (f"; stderr: {tail}" if tail else "")
 
+    @property
+    def stdout_closed(self) -> bool:
+        return self._stdout_closed.is_set()
+
     async def wait_gone(self) -> int | None:
-        """Waits until the child has exited and its stdout is fully read."""
-        await self._exited.wait()
-        await self._stdout_closed.wait()
+        """Waits until the child can no longer answer: it has exited (then the rest of its
+        stdout is read, for at most STDOUT_AFTER_EXIT: a descendant may hold the pipe open),
+        or it has closed its stdout (then its exit is awaited for at most EXIT_AFTER_EOF).
+        Returns the exit status, None while it still runs."""
+        exited = asyncio.ensure_future(self._exited.wait())
+        closed = asyncio.ensure_future(self._stdout_closed.wait())
+        try:
+            done, _ = await asyncio.wait([exited, closed], return_when=asyncio.FIRST_COMPLETED)
+            rest, grace = (closed, STDOUT_AFTER_EXIT) if exited in done else (exited, EXIT_AFTER_EOF)
+            await asyncio.wait([rest], timeout=grace)
+        finally:
+            exited.cancel()
+            closed.cancel()
         return self.returncode
 
     # -- stopping ------------------------------------------------------------------------
@@ -260,4 +332,7 @@ class AppServerProcess:
             pass
         for pipe_transport in self._pipes:
             pipe_transport.close()
+        if self._stderr_summary is not None:
+            self._stderr_summary.cancel()
+            self._summarize_dropped()
         return self.returncode

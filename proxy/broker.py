@@ -1,15 +1,24 @@
 """The broker process: start the app-server, listen, serve, drain, stop.
 
 Start returns when ready: the app-server is spawned and initialized before the socket exists,
-so a client that can connect finds a broker that can serve. Stopping is one sequence whatever
-asked for it (drain completed, deadline, idle, signal, app-server death): end Sessions
-cleanly, stop the app-server's whole process group with escalation, end every health Watch
-with a final NOT_SERVING, stop gRPC with a short grace (replies in flight go out, new RPCs are
-refused), remove the socket, pid file and directory."""
+so a client that can connect finds a broker that can serve; ``Broker.ready`` is set once it
+listens and says SERVING. Stopping is one sequence whatever asked for it (drain completed,
+deadline, idle, signal, app-server death or wedge, a background task's crash), run in a
+``finally``: end Sessions cleanly, stop the app-server's whole process group with escalation
+(and, in a subreaper, every descendant left), end every health Watch with a final NOT_SERVING,
+stop gRPC with a short grace (replies in flight go out, new RPCs are refused), remove the
+socket, pid file and directory, remove the signal handlers.
+
+The lifetime is supervised: a background task (health, app-server watcher, drain, idle) that
+raises stops the broker with exit 1, so a broker never keeps publishing its last SERVING.
+Signals: SIGTERM and SIGINT drain; repeated SIGTERMs are one drain request (clients ending
+together never kill a third one's turns); only a second SIGINT (a person at a terminal) stops
+at once."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -29,6 +38,7 @@ from proxy.auth import BearerTokenInterceptor
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
+from proxy.reaper import Reaper
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
 
@@ -38,15 +48,28 @@ INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their t
 FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
 SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
 STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC cancels them
+MAX_DRAIN_DEADLINE = 86400.0  # a longer (or infinite) drain deadline is cut to this (one day)
 S = broker_pb2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def drain_seconds(requested: float | None, default: float) -> float:
+    """The drain deadline to apply: unset, NaN or <= 0 is the broker's default (never "now");
+    anything longer than MAX_DRAIN_DEADLINE (inf, 1e300) is MAX_DRAIN_DEADLINE."""
+    if requested is None or math.isnan(requested) or requested <= 0:
+        requested = default
+    return min(requested, MAX_DRAIN_DEADLINE)
 
 
 class Broker:
     def __init__(self, config: ServeConfig, *, files: BrokerFiles | None = None,
-                 child: subprocess.Popen[bytes] | None = None, early_signals: list[int] | None = None):
+                 child: subprocess.Popen[bytes] | None = None, early_signals: list[int] | None = None,
+                 subreaper: bool = False):
         """``files`` already prepared and ``child`` already spawned let `serve` do both while
         this module was still importing; without them, ``run`` does both. ``early_signals``:
-        where `serve` notes SIGTERM/SIGINT until ``run`` installs its own handlers."""
+        where `serve` notes SIGTERM/SIGINT until ``run`` installs its own handlers. ``subreaper``:
+        only in a process that made itself a child subreaper (`serve`), never in one that
+        merely embeds the broker: reap orphans, and stop every descendant at the end."""
         self.config = config
         self.files = files or BrokerFiles(config)
         self._child = child
@@ -61,7 +84,10 @@ class Broker:
         self.app_server_create_time_ms = 0
         self.health = HealthMonitor(self.hub, interval=config.probe_interval, hang_after=config.probe_timeout,
                                     method=config.probe_method, accepting=lambda: self.accepting,
-                                    app_alive=lambda: self.app is not None and self.app.alive)
+                                    app_alive=lambda: self.app is not None and self.app.alive,
+                                    on_wedged=self._app_server_wedged)
+        self.reaper = Reaper(keep=self._own_children) if subreaper else None
+        self.ready = asyncio.Event()  # set once listening and SERVING
         self.server: grpc.aio.Server | None = None
         self.drain_reason = ""
         self._drain_deadline: float | None = None  # monotonic
@@ -72,6 +98,8 @@ class Broker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._idle_since: float | None = None
         self._signals = 0
+        self._sigints = 0
+        self._app_wedged = False  # the app-server stopped answering: stop it without the polite waits
         self._starting: asyncio.Task[None] | None = None
 
     # -- small facts ---------------------------------------------------------------------
@@ -100,6 +128,10 @@ class Broker:
     def _stdin_backlog(self) -> int:
         return self.app.write_buffer_size() if self.app else 0
 
+    def _own_children(self) -> set[int]:
+        """Children whose exit status is waited for elsewhere (the app-server's Popen)."""
+        return {c.pid for c in (self._child, self.app) if c is not None and c.pid is not None}
+
     def _changed(self) -> None:
         self._change.set()
         if self.hub.sessions or self.hub.in_flight:
@@ -109,10 +141,24 @@ class Broker:
 
     # -- the whole life ------------------------------------------------------------------
     async def run(self) -> int:
-        """Serves until stopped; returns the exit code. ConfigError for bad input."""
+        """Serves until stopped; returns the exit code. ConfigError for bad input. The signal
+        handlers it installs are removed when it returns, whatever the way."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a signal while starting cleans up too
+        signals: list[signal.Signals] = [*STOP_SIGNALS]
+        for sig in STOP_SIGNALS:  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.reaper is not None:
+            loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap_orphans)
+            signals.append(signal.SIGCHLD)
+            self.reaper.reap_orphans()  # those that ended before the handler existed
+        try:
+            return await self._run()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
+        loop = asyncio.get_running_loop()
         if not self.files.prepared:
             self.files.prepare()
         self._starting = asyncio.create_task(self._start(), name="start")
@@ -125,17 +171,34 @@ class Broker:
                 raise
             log.info("stopped by a signal before ready")
             return 0
-        self.state = S.BROKER_STATE_SERVING
-        self._idle_since = time.monotonic()
-        self._tasks = [asyncio.create_task(self.health.run(), name="health"),
-                       asyncio.create_task(self._watch_app_server(), name="app-server"),
-                       asyncio.create_task(self._idle_loop(), name="idle")]
-        await self.health.publish()
-        log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
-                 self.app.pid if self.app else None, self.config.instance_id)
-        await self._stop.wait()
-        await self._shutdown()
+        try:
+            self.state = S.BROKER_STATE_SERVING
+            self._idle_since = time.monotonic()
+            self._spawn(self.health.run(), "health")
+            self._spawn(self._watch_app_server(), "app-server")
+            self._spawn(self._idle_loop(), "idle")
+            serving = await self.health.publish()
+            log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
+                     self.app.pid if self.app else None, self.config.instance_id)
+            if serving:  # else the app-server is already gone, and the broker about to stop
+                self.ready.set()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
         return self._exit_code
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """A background task of the broker's life: should it raise, the broker stops (exit 1)."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the broker's %s task failed: stopping", task.get_name(), exc_info=exc)
+        self.stop(1)
 
     async def _start(self) -> None:
         try:
@@ -146,6 +209,8 @@ class Broker:
                 await self.app.stop(polite_wait=0.5, term_wait=1.0)
             elif self._child is not None:
                 child_process.kill(self._child)
+            if self.reaper is not None:
+                await self.reaper.stop_descendants()
             self.files.remove()
             raise
 
@@ -225,23 +290,30 @@ class Broker:
 
     # -- events --------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
+        """SIGTERM and SIGINT ask for a drain (one drain, however many); a second SIGINT stops now."""
         self._signals += 1
+        self._sigints += sig == signal.SIGINT
         name = signal.Signals(sig).name
         if self.state == S.BROKER_STATE_STARTING:
             log.info("%s while starting: giving up", name)
             if self._starting is not None:
                 self._starting.cancel()
-        elif self._signals == 1:
-            self.drain(None, reason=name)
-        else:
-            log.info("second signal (%s): stopping now", name)
+        elif sig == signal.SIGINT and self._sigints > 1:
+            log.info("second SIGINT: stopping now")
             self.stop(0)
+        elif self.state == S.BROKER_STATE_DRAINING:
+            log.info("%s while draining: the drain goes on", name)
+        else:
+            self.drain(None, reason=name)
 
     def drain(self, deadline_seconds: float | None, *, reason: str, force: bool = False) -> None:
-        """SERVING -> DRAINING. Idempotent: a later call may shorten the deadline, never extend it."""
+        """SERVING -> DRAINING. Idempotent: a later call may shorten the deadline, never extend it.
+        ``deadline_seconds``: see ``drain_seconds`` (None = the broker's default)."""
         if self.state == S.BROKER_STATE_STOPPING:
             return
-        seconds = self.config.drain_deadline if deadline_seconds is None else deadline_seconds
+        seconds = drain_seconds(deadline_seconds, self.config.drain_deadline)
+        if deadline_seconds is not None and seconds < deadline_seconds:
+            log.info("drain deadline of %g s cut to %g s (%s)", deadline_seconds, seconds, reason)
         deadline = time.monotonic() + (0.0 if force else seconds)
         first = self.state != S.BROKER_STATE_DRAINING
         if first:
@@ -252,8 +324,8 @@ class Broker:
             log.info("drain started (%s): deadline %.0f s, %d turns and %d requests in flight%s", reason,
                      deadline - time.monotonic(), len(self.hub.turns), self.hub.pending_work,
                      ", interrupting turns now" if force else "")
-            self._tasks.append(asyncio.create_task(self._drain(), name="drain"))
-            self._tasks.append(asyncio.create_task(self.health.publish(), name="publish"))
+            self._spawn(self._drain(), "drain")
+            self._spawn(self.health.publish(), "publish")
         elif self._drain_deadline is not None and deadline < self._drain_deadline:
             self._drain_deadline = deadline
             log.info("drain deadline shortened to %.0f s (%s)", deadline - time.monotonic(), reason)
@@ -318,6 +390,7 @@ class Broker:
             await asyncio.sleep(min(max(wait, 0.05), 1.0))
 
     async def _watch_app_server(self) -> None:
+        """The app-server exited, or closed its stdout: either way nothing more will come."""
         assert self.app is not None
         await self.app.wait_gone()
         if self.state == S.BROKER_STATE_STOPPING:
@@ -328,6 +401,21 @@ class Broker:
         await self.health.publish()
         self.stop(1)
 
+    def _app_server_wedged(self) -> None:
+        """From the health loop while the app-server counts as wedged. Serving, the broker only
+        says NOT_SERVING (the app-server may come back; lifecycle replaces a wedged broker).
+        Draining, nothing will finish the turns: their clients hear it now, and the broker
+        stops (exit 1) instead of waiting out the deadline."""
+        if self.state != S.BROKER_STATE_DRAINING or self.hub.gone is not None:
+            return
+        waited = time.monotonic() - (self.hub.oldest_pending() or time.monotonic())
+        why = f"app-server stopped answering (a request unanswered for {waited:.1f} s) while the broker was draining"
+        log.error("%s; failing %d turns and %d requests and stopping", why, len(self.hub.turns),
+                  self.hub.pending_work)
+        self._app_wedged = True
+        self.hub.app_server_gone(why)
+        self.stop(1)
+
     def stop(self, code: int) -> None:
         self.hub.stopping = True  # at once, not when _shutdown gets to run
         if not self._stop.is_set():
@@ -335,26 +423,44 @@ class Broker:
             self._stop.set()
 
     async def _shutdown(self) -> None:
+        """Each step runs even if an earlier one failed; the app-server, the descendants and
+        the files are always taken care of."""
+        self.stop(self._exit_code)  # for a shutdown not asked for by stop(): a cancelled run()
         self.state = S.BROKER_STATE_STOPPING
         log.info("stopping: %d sessions open, %d turns in flight", len(self.hub.sessions), len(self.hub.turns))
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
-        await self.health.publish()
-        handlers = [s.handler for s in self.hub.sessions.values() if s.handler is not None]
-        for session in list(self.hub.sessions.values()):
-            session.end(Ending())
-        if handlers:
-            await asyncio.wait(handlers, timeout=SESSION_FLUSH)
+        try:
+            await self.health.publish()
+            handlers = [s.handler for s in self.hub.sessions.values() if s.handler is not None]
+            for session in list(self.hub.sessions.values()):
+                session.end(Ending())
+            if handlers:
+                await asyncio.wait(handlers, timeout=SESSION_FLUSH)
+        finally:
+            try:
+                await self._stop_children()
+            finally:
+                try:
+                    await self._stop_grpc()
+                finally:
+                    self.files.remove()
+                    log.info("stopped exit_code=%d", self._exit_code)
+
+    async def _stop_children(self) -> None:
         if self.app is not None:
-            wedged = self.health.wedged()  # a stopped or hung child ignores stdin EOF and SIGTERM
+            # a stopped or hung child ignores stdin EOF and SIGTERM
+            wedged = self._app_wedged or self.health.wedged()
             code = await self.app.stop(polite_wait=0.2 if wedged else 2.0, term_wait=0.3 if wedged else 2.0)
             log.info("app-server stopped (%s)", self.app.describe_exit() if code is not None else "no status")
+        if self.reaper is not None:
+            await self.reaper.stop_descendants()
+
+    async def _stop_grpc(self) -> None:
         await self.health.servicer.enter_graceful_shutdown()  # Watches say NOT_SERVING and end
         if self.server is not None:
             # New RPCs are refused from here; calls still in flight (a Call answered by the
             # drain's last response, a Drain's own reply) get their replies out.
             await self.server.stop(STOP_GRACE)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.files.remove()
-        log.info("stopped exit_code=%d", self._exit_code)

@@ -1,6 +1,9 @@
 """Spawning the app-server: its own session (so its whole process group can be stopped),
 pipes on its stdio, and death with the broker (Linux PR_SET_PDEATHSIG, even if the broker is
-SIGKILLed).
+SIGKILLed). And making `serve` a child subreaper (Linux PR_SET_CHILD_SUBREAPER), so the
+app-server's descendants that leave its process group (setsid) are reparented to the broker
+when their parent dies, and the broker can stop them (see ``proxy.reaper``). A SIGKILLed
+broker cannot: such a descendant then outlives it (only the app-server has the death signal).
 
 Kept free of asyncio and grpc: `serve` spawns the app-server first thing, and the broker's
 heavier imports load while the app-server starts."""
@@ -15,6 +18,8 @@ from collections.abc import Callable, Sequence
 from proxy.config import ConfigError
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 
 _libc: ctypes.CDLL | None
 try:
@@ -34,6 +39,22 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
                 os._exit(1)
 
     return setup
+
+
+def become_subreaper() -> bool:
+    """Makes this process a child subreaper (Linux >= 3.4); False where that is not possible.
+    Only for a process that reaps its children by pid (`serve`), never for one that merely
+    embeds the broker."""
+    prctl = getattr(_libc, "prctl", None)
+    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def is_subreaper() -> bool:
+    prctl = getattr(_libc, "prctl", None)
+    if prctl is None:
+        return False
+    flag = ctypes.c_int(0)
+    return prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
 
 
 def spawn(argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -1,11 +1,19 @@
 """``codex-broker serve`` (also ``python -m proxy serve``): run one broker in the foreground.
 
-Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died or could not be
-initialized, 2 bad input (missing app-server binary, bad endpoint, occupied path)."""
+Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died, wedged while
+draining or could not be initialized (or the broker failed), 2 bad input (missing app-server
+binary, bad endpoint, occupied path).
+
+The log goes to stderr, or with ``--log-file PATH`` to that file, rotated by size: PATH never
+passes ``--log-max-bytes`` (default 8 MiB); when it would, it becomes PATH's name with ``.1``
+before the suffix (``broker.1.log``, replacing the previous one) and a fresh PATH starts, so a
+broker's log takes at most twice the cap. The process's own stdout and stderr (a traceback,
+grpc's native messages) follow the current file."""
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import shlex
 import signal
@@ -14,17 +22,62 @@ import time
 from collections.abc import Mapping
 
 from proxy import contract
-from proxy.contract import DEFAULT_APP_SERVER
+from proxy.contract import DEFAULT_APP_SERVER, DEFAULT_LOG_MAX_BYTES
 
+MAX_RECORD = 16384  # characters of one log record's message (a traceback may follow)
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z codex-broker[{os.getpid()}] {record.levelname} {record.getMessage()}"
+        message = record.getMessage()
+        if len(message) > MAX_RECORD:
+            message = f"{message[:MAX_RECORD]}... ({len(message)} characters)"
+        text = f"{stamp}.{int(record.msecs):03d}Z codex-broker[{os.getpid()}] {record.levelname} {message}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)[-MAX_RECORD:]
+        return text
 
 
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """Size-rotated log file (one previous file kept, named by ``_rotated_name``) that the
+    process's stdout and stderr follow, so nothing written there escapes the rotation."""
+
+    def __init__(self, path: str, max_bytes: int):
+        super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", errors="replace")
+        self.namer = _rotated_name
+        self._follow()
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
+        """In bytes, counting what else was written to the file (the base class counts characters)."""
+        if self.stream is None:
+            self.stream = self._open()
+        size = len((self.format(record) + "\n").encode("utf-8", "replace"))
+        self.stream.seek(0, 2)
+        return self.stream.tell() > 0 and self.stream.tell() + size > self.maxBytes
+
+    def doRollover(self) -> None:  # noqa: N802 (logging's name)
+        super().doRollover()
+        self._follow()
+
+    def _follow(self) -> None:
+        if self.stream is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd in (1, 2):
+                os.dup2(self.stream.fileno(), fd)
+
+
+def _rotated_name(default: str) -> str:
+    """``broker-X.log.1`` -> ``broker-X.1.log`` (the log's pattern still matches it)."""
+    base, _, number = default.rpartition(".")
+    stem, dot, suffix = base.rpartition(".")
+    return f"{stem}.{number}.{suffix}" if dot and "/" not in suffix else default
+
+
+def setup_logging(log_file: str | None = None, max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
+    """Records go to stderr, or to ``log_file`` rotated at ``max_bytes`` (OSError if it cannot
+    be opened)."""
+    handler: logging.Handler = _LogFile(log_file, max_bytes) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     for name in ("codex_broker.proxy", "codex_broker.lifecycle"):
         logger = logging.getLogger(name)
@@ -69,12 +122,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from proxy import child as child_process
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
-    setup_logging()
+    try:
+        setup_logging(args.log_file, args.log_max_bytes)
+    except OSError as exc:
+        print(f"codex-broker serve: cannot open --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return 2
     log = logging.getLogger("codex_broker.proxy")
+
+    def refuse(message: str, code: int) -> int:
+        """One line on stderr (the log file's last line with --log-file), and the exit code."""
+        print(f"codex-broker serve: {message}", file=sys.stderr, flush=True)
+        return code
+
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
-        print(f"codex-broker serve: --cwd is not a directory: {cwd}", file=sys.stderr)
-        return 2
+        return refuse(f"--cwd is not a directory: {cwd}", 2)
     try:
         config = ServeConfig(endpoint=args.endpoint, app_server=app_server_command(args.app_server), cwd=cwd,
                              pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
@@ -86,7 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config.token_file = os.path.abspath(args.token_file) if args.token_file else None
         config.allow_remote = args.allow_remote
     except SystemExit as exc:
-        print(exc, file=sys.stderr)
+        print(exc, file=sys.stderr, flush=True)
         return 2
     files = BrokerFiles(config)
     early_signals: list[int] = []
@@ -94,6 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     child = None
     try:
+        subreaper = child_process.become_subreaper()  # before the spawn: the app-server's orphans come here
         try:
             files.prepare()  # before anything starts; leaves nothing behind when it refuses
             try:
@@ -103,8 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 raise
             log.info("app-server started pid=%d", child.pid)
         except ConfigError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 2
+            return refuse(str(exc), 2)
         from proxy.broker import Broker  # the app-server starts meanwhile
 
         if early_signals:
@@ -115,13 +177,15 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             import asyncio
 
-            return asyncio.run(Broker(config, files=files, child=child, early_signals=early_signals).run())
+            broker = Broker(config, files=files, child=child, early_signals=early_signals, subreaper=subreaper)
+            return asyncio.run(broker.run())
         except ConfigError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 2
+            return refuse(str(exc), 2)
         except StartError as exc:
-            print(f"codex-broker serve: {exc}", file=sys.stderr)
-            return 1
+            return refuse(str(exc), 1)
+        except Exception as exc:  # a bug: said once, in the log, with its traceback; exit 1
+            log.error("the broker failed: %r", exc, exc_info=exc)
+            return refuse(f"the broker failed: {exc!r}", 1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -9,6 +9,7 @@ reads back with the functions next to it, so the two can never drift apart."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -126,10 +127,21 @@ SERVE_COMMAND = "serve"
 _PYTHON = re.compile(r"python[0-9.]*")
 
 
+DEFAULT_LOG_MAX_BYTES = 8 << 20
+MIN_LOG_MAX_BYTES = 64 << 10
+
+
 def _nonneg(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _log_bytes(text: str) -> int:
+    value = int(text)
+    if value < MIN_LOG_MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LOG_MAX_BYTES}, got {text}")
     return value
 
 
@@ -158,11 +170,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-timeout", type=_nonneg, default=3.0, metavar="S",
                    help="unanswered this long = wedged, NOT_SERVING (default 3)")
     p.add_argument("--drain-deadline", type=_nonneg, default=3600.0, metavar="S",
-                   help="default drain deadline before turns are interrupted (default 3600)")
+                   help="default drain deadline before turns are interrupted (default 3600; a longer one, "
+                        "here or in a Drain, is cut to 86400)")
     p.add_argument("--idle-timeout", type=_nonneg, default=1800.0, metavar="S",
                    help="exit after this long with no Sessions and no work; 0 = never (default 1800)")
     p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
                    help="a Session further behind than this is dropped (default 8 MiB)")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="log to this file (and send stdout/stderr there) instead of stderr, rotated by size")
+    p.add_argument("--log-max-bytes", type=_log_bytes, default=DEFAULT_LOG_MAX_BYTES, metavar="N",
+                   help="--log-file never grows past N bytes; then it is rotated to NAME.1.SUFFIX, replacing "
+                        f"the previous one (default {DEFAULT_LOG_MAX_BYTES >> 20} MiB, at least {MIN_LOG_MAX_BYTES})")
 
 
 @dataclass(frozen=True)
@@ -179,12 +197,12 @@ class ServeArgv:
 
 
 def build_serve_argv(python: str, *, endpoint: str, cwd: str, app_server: str, instance_id: str,
-                     pid_file: str, state_root: str) -> list[str]:
+                     pid_file: str, state_root: str, log_file: str) -> list[str]:
     """The argv spawn runs: this package's entry point with the interpreter's safe-path mode (``-P``:
     a workspace that holds a ``proxy`` directory cannot shadow the package)."""
     return [python, "-P", "-m", ENTRY_MODULE, SERVE_COMMAND, "--endpoint", endpoint, "--cwd", cwd,
             f"--app-server={app_server}", "--instance-id", instance_id, "--pid-file", pid_file,
-            "--state-root", state_root]
+            "--state-root", state_root, "--log-file", log_file]
 
 
 class _StrictParser(argparse.ArgumentParser):

@@ -6,7 +6,10 @@ the app-server (one outstanding at a time). The app-server is wedged when a requ
 longer than the hang threshold and nothing at all has answered for that long: a slow request
 next to a responsive server is not a hang. A Check arriving when the last proof is stale joins
 the probe and waits for it briefly, so one Check is a real client -> proxy -> app-server ->
-proxy -> client round trip; it never blocks past 0.5 s or its own deadline."""
+proxy -> client round trip; it never blocks past 0.5 s or its own deadline.
+
+Probing goes on while the broker drains (a wedge then must end the drain: ``on_wedged`` is
+called on every tick the app-server counts as wedged); it stops only when the broker stops."""
 from __future__ import annotations
 
 import asyncio
@@ -32,13 +35,15 @@ TICK = 0.2
 
 class HealthMonitor:
     def __init__(self, hub: Hub, *, interval: float, hang_after: float, method: str,
-                 accepting: Callable[[], bool], app_alive: Callable[[], bool]):
+                 accepting: Callable[[], bool], app_alive: Callable[[], bool],
+                 on_wedged: Callable[[], None] = lambda: None):
         self.hub = hub
         self.interval = interval
         self.hang_after = hang_after
         self.method = method
         self._accepting = accepting
         self._app_alive = app_alive
+        self._on_wedged = on_wedged
         self._probe: asyncio.Future[None] | None = None
         self._published: bool | None = None
         self.last_probe_at = 0.0  # unix time
@@ -99,10 +104,13 @@ class HealthMonitor:
         return ""
 
     async def run(self) -> None:
-        """Probes when the last proof is stale and publishes changes, until cancelled."""
+        """Probes when the last proof is stale (serving or draining) and publishes changes,
+        until cancelled."""
         while True:
-            if self.proof_is_stale() and self.hub.gone is None and self._accepting():
+            if self.proof_is_stale() and self.hub.gone is None and not self.hub.stopping:
                 self.probe()
+            if self.wedged():
+                self._on_wedged()
             await self.publish()
             await asyncio.sleep(TICK)
 

@@ -247,7 +247,7 @@ class CodexWorld:
                              f"{found}\n{self.log_tails()}")
 
     def finish(self, *, grace: float = 15.0) -> list[str]:
-        """Stops every broker still running (Drain(force), then SIGTERM twice, then SIGKILL, each
+        """Stops every broker still running (Drain(force), then SIGINT twice, then SIGKILL, each
         to the verified broker pid), waits for all their processes, kills survivors, and returns
         the problems found: every process of a broker that outlived its broker."""
         for session in self._sessions:
@@ -281,7 +281,7 @@ class CodexWorld:
         if not wait_all_gone([tracked.proc], grace):
             return []
         problems = [f"broker {tracked.pid} did not exit within {grace:g} s of Drain(force)"]
-        for sig, wait in ((signal.SIGTERM, 0.2), (signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGINT, 0.2), (signal.SIGINT, 8.0), (signal.SIGKILL, 5.0)):
             tracked.note_descendants()
             with contextlib.suppress(psutil.Error):
                 tracked.proc.send_signal(sig)

@@ -2,8 +2,8 @@
 sockets, in front of tests/fake_app_server.py.
 
 - ``broker`` (fixture): a factory that starts ``python -m proxy serve`` and returns when the
-  gRPC Health Check says SERVING; on teardown each broker is stopped by its PID (SIGTERM, a
-  second SIGTERM, SIGKILL) and the test fails if any of its processes is left behind.
+  gRPC Health Check says SERVING; on teardown each broker is stopped by its PID (SIGTERM, then
+  two SIGINTs, then SIGKILL) and the test fails if any of its processes is left behind.
 - ``SessionClient``: a small grpc.aio client for one AppServer.Session; tests are plain
   ``def test_x(): run(main())`` functions (no pytest-asyncio).
 - Every fake app-server is started with a unique ``--marker=...`` argument (the fake ignores
@@ -180,12 +180,12 @@ class BrokerProcess:
             raise AssertionError(f"broker {self.pid} still running after {timeout:g} s:\n{self.tail()}") from None
 
     def stop_now(self, timeout: float = 15.0) -> int:
-        """SIGTERM (drain), then once it is draining a second SIGTERM (stop at once); the exit code."""
-        os.kill(self.pid, signal.SIGTERM)
+        """SIGINT (drain), then once it is draining a second SIGINT (stop at once); the exit code."""
+        os.kill(self.pid, signal.SIGINT)
         wait_for(lambda: self.proc.poll() is not None or self.status().state != broker_pb2.BROKER_STATE_SERVING,
                  what="the broker to start draining")
         if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
+            os.kill(self.pid, signal.SIGINT)
         return self.wait_exit(timeout)
 
     def close_channel(self) -> None:
@@ -194,23 +194,24 @@ class BrokerProcess:
             self._channel = None
 
     def stop(self) -> list[str]:
-        """Stops the broker by PID (SIGTERM; a second SIGTERM; SIGKILL) and returns problems found."""
+        """Stops the broker by PID (SIGTERM; SIGINT and a second SIGINT; SIGKILL) and returns problems found."""
         self.close_channel()
         problems = []
         if self.proc.poll() is None:
             self.known += [p for p in descendants(self.pid) if p not in self.known]
-            # SIGTERM drains (turns left running by the test may hold it); a second one stops.
+            # SIGTERM drains (turns left running by the test may hold it); a second SIGINT stops.
             steps = 0
-            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGINT, 0.5), (signal.SIGINT, 10.0),
+                              (signal.SIGKILL, 10.0)):
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(sig)
                 try:
                     self.proc.wait(wait)
                     break
                 except subprocess.TimeoutExpired:
-                    if steps > 0:  # the first SIGTERM may legitimately wait for turns
+                    if steps > 1:  # the first SIGTERM and SIGINT may legitimately wait for turns
                         problems.append(f"broker {self.pid} still running {wait:g} s after "
-                                        f"{'a second SIGTERM' if steps == 1 else 'SIGKILL'}")
+                                        f"{'a second SIGINT' if steps == 2 else 'SIGKILL'}")
                     steps += 1
             else:
                 self.proc.wait()

@@ -105,6 +105,18 @@ fake/echo {...}             answers {"params": <params exactly as parsed>}; ints
                             and unicode round-trip exactly (floats go through Python floats;
                             lone surrogates come back \\u-escaped).
 fake/stderr {text}          writes text (as is, no newline added) to stderr, answers {}.
+fake/stderrFlood {seconds, lineBytes?}  writes lines of lineBytes (default 200) to stderr as
+                            fast as it can for that many seconds (a thread: requests keep being
+                            served), then answers {"lines": N}.
+fake/closeStdout            closes its stdout without answering and keeps running (reading
+                            stdin; it exits on stdin EOF or a signal as usual).
+fake/spawn {seconds, orphan?, holdStdout?}  starts a process that sleeps that many seconds, in
+                            a new session (setsid), with this server's own arguments on its
+                            command line (so a --marker finds it); answers {"pid": its pid}.
+                            orphan=true: started through a middle process that exits at once,
+                            so it is orphaned and reparented (to the nearest child subreaper,
+                            else init). holdStdout=true: it inherits this server's stdout, which
+                            then stays open after this server exits.
 
 Environment variables
 ---------------------
@@ -135,7 +147,9 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 ARGS = sys.argv[1:]
@@ -221,6 +235,7 @@ class FakeAppServer:
         self.out = writer
         self.transport = transport  # None when stdout is a regular file
         self.wedged = False
+        self.stdout_closed = False
         self.wedge_ignores_signals = False
         self.counter = 0
         self.turns = {}  # turnId -> (threadId, task)
@@ -240,7 +255,7 @@ class FakeAppServer:
 
     # -- output -------------------------------------------------------------
     def write(self, data):
-        if not self.wedged:
+        if not self.wedged and not self.stdout_closed:
             self.out.write(data)
 
     def send(self, msg):
@@ -514,6 +529,39 @@ class FakeAppServer:
         sys.stderr.flush()
         self.reply(req_id, {})
 
+    def m_fake_stderrFlood(self, req_id, params):
+        seconds = float(params.get("seconds", 1))
+        line = b"flood " + b"e" * max(int(params.get("lineBytes", 200)) - 7, 0) + b"\n"
+        loop = asyncio.get_running_loop()
+
+        def flood():
+            lines, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                os.write(2, line * 64)
+                lines += 64
+            loop.call_soon_threadsafe(self.reply, req_id, {"lines": lines})
+
+        threading.Thread(target=flood, daemon=True).start()
+
+    def m_fake_closeStdout(self, req_id, params):
+        self.stdout_closed = True
+        if self.transport is not None:
+            self.transport.abort()  # leaves fd 1 open (sys.stdout does not own it)
+        os.close(1)
+
+    def m_fake_spawn(self, req_id, params):
+        sleeper = [sys.executable, "-c", f"import time; time.sleep({float(params.get('seconds', 60))})", *ARGS]
+        if params.get("orphan"):
+            middle = ("import subprocess, sys; p = subprocess.Popen(sys.argv[1:], start_new_session=True, "
+                      "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL); print(p.pid, flush=True)")
+            out = subprocess.run([sys.executable, "-c", middle, *sleeper], stdout=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, check=True).stdout
+            pid = int(out)
+        else:
+            stdout = None if params.get("holdStdout") else subprocess.DEVNULL
+            pid = subprocess.Popen(sleeper, start_new_session=True, stdin=subprocess.DEVNULL, stdout=stdout).pid
+        self.reply(req_id, {"pid": pid})
+
     # -- streaming turn ------------------------------------------------------
     def chunk_turn(self, thread_id, turn_id, shape, record):
         """The whole turn's notifications as one bytes object (chunk=1)."""
@@ -670,7 +718,8 @@ async def serve():
                 continue
             if isinstance(msg, dict):
                 server.handle(msg)
-            await writer.drain()
+            if not server.stdout_closed:
+                await writer.drain()
 
     reading = loop.create_task(read_loop())
     stopping = loop.create_task(stop.wait())

@@ -183,7 +183,7 @@ class ServedBroker:
         return self.proc.poll() is None
 
     def stop(self) -> list[str]:
-        """Stops the broker by its PID (SIGTERM drains; a second SIGTERM stops at once; SIGKILL);
+        """Stops the broker by its PID (SIGTERM drains; two SIGINTs stop at once; SIGKILL);
         returns the problems found (processes left behind, a broker that ignored signals)."""
         if self._channel is not None:
             self._channel.close()
@@ -191,14 +191,17 @@ class ServedBroker:
         problems = []
         known = [p for p in processes_with(self.marker)]
         if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            steps = ((signal.SIGTERM, 3.0, True), (signal.SIGINT, 0.5, False), (signal.SIGINT, 10.0, True),
+                     (signal.SIGKILL, 10.0, True))
+            for sig, wait, must_stop in steps:  # a first SIGINT only joins the drain
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(sig)
                 try:
                     self.proc.wait(wait)
                     break
                 except subprocess.TimeoutExpired:
-                    problems.append(f"broker {self.pid} ignored {signal.Signals(sig).name} for {wait:g} s")
+                    if must_stop:
+                        problems.append(f"broker {self.pid} ignored {signal.Signals(sig).name} for {wait:g} s")
             else:
                 self.proc.wait()
         left = wait_gone(known + processes_with(self.marker), 5.0)

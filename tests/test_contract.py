@@ -15,7 +15,8 @@ from proxy.config import ConfigError, ServeConfig, parse_endpoint
 
 def spawned_argv(**changes: str) -> list[str]:
     values = dict(endpoint="unix:/tmp/rt/0123abcd/s.sock", cwd="/work space", app_server="python fake.py --x=1",
-                  instance_id="inst-1", pid_file="/tmp/rt/0123abcd/broker.pid", state_root="/home/u/.state")
+                  instance_id="inst-1", pid_file="/tmp/rt/0123abcd/broker.pid", state_root="/home/u/.state",
+                  log_file="/home/u/.state/logs/broker-1.log")
     values.update(changes)
     return contract.build_serve_argv("/venv/bin/python3.11", **values)
 

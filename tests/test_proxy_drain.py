@@ -128,18 +128,41 @@ def test_sigterm_drains_like_the_drain_rpc(broker):
     assert_cleaned_up(b)
 
 
-def test_second_sigterm_stops_at_once(broker):
+def test_second_sigint_stops_at_once(broker):
     b = broker()
 
     async def main():
         async with aio_channel(b) as channel, SessionClient(channel) as s:
             watch = await watch_health(channel)
             await running_turn(s, "deltas=10 seconds=60")
-            os.kill(b.pid, signal.SIGTERM)
+            os.kill(b.pid, signal.SIGINT)
             await next_status(watch, NOT_SERVING, 5)
-            os.kill(b.pid, signal.SIGTERM)
+            os.kill(b.pid, signal.SIGINT)
             assert await wait_exit(b, 15) == 0
             assert await s.wait_end(10) is not None
+            watch.cancel()
+
+    run(main())
+    assert_cleaned_up(b)
+
+
+def test_repeated_sigterms_are_one_drain_and_the_turn_completes(broker):
+    b = broker()
+
+    async def main():
+        async with aio_channel(b) as channel, SessionClient(channel) as s:
+            watch = await watch_health(channel)
+            thread, turn = await running_turn(s, "deltas=20 seconds=3")
+            os.kill(b.pid, signal.SIGTERM)
+            await next_status(watch, NOT_SERVING, 5)
+            for _ in range(3):  # clients ending together: each asks for a drain
+                os.kill(b.pid, signal.SIGTERM)
+                await status(channel)
+            st = await status(channel)
+            assert st.state == broker_pb2.BROKER_STATE_DRAINING and st.in_flight_turns, st
+            completed = await s.turn_completed(thread, turn)
+            assert completed["params"]["turn"]["status"] == "completed"
+            assert await wait_exit(b) == 0
             watch.cancel()
 
     run(main())

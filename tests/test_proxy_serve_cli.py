@@ -190,3 +190,11 @@ def test_sigterm_right_after_the_app_server_is_spawned_exits_0_and_leaves_nothin
     assert not os.path.exists(sock_dir)
     assert not wait_gone([app], 5)
     assert not processes_with(marker)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_serve_refuses_a_drain_deadline_that_is_not_a_finite_number(value, base):
+    result = run_serve("--endpoint", f"unix:{base}/d/s.sock", "--app-server", "true", f"--drain-deadline={value}")
+    assert result.returncode == 2, result.stderr
+    assert "--drain-deadline" in result.stderr and "finite number >= 0" in result.stderr, result.stderr
+    assert not os.path.exists(f"{base}/d")

@@ -411,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lifecycle.errors import BrokerError
 
+    # A path that is not valid UTF-8 (a workspace named so) prints escaped, never as a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="codex-broker: %(message)s")
     try:
         return int(args.func(args))

@@ -41,7 +41,7 @@ log = logging.getLogger("codex_broker.lifecycle")
 
 ATTEMPT_TIMEOUT = 1.5  # one Status or Health attempt; silence is judged over WEDGE_WINDOW
 RETRY_PAUSE = 0.25  # after an attempt that failed at once (nothing listening yet, refused)
-HEALTH_BUDGET = 2.0  # Health's own time once Status has answered, even late in the window
+HEALTH_BUDGET = WEDGE_WINDOW  # Health's own time once Status has answered, even late in the window
 EXIT_WAIT = 5.0  # how long a killed broker gets to be gone
 DRAIN_TIMEOUT = 5.0  # the Drain RPC to an old broker
 LOCK_TIMEOUT = 120.0

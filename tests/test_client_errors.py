@@ -67,7 +67,7 @@ def test_format_status_of_an_empty_status_and_an_unknown_state_value() -> None:
     empty = format_status(broker_pb2.BrokerStatus(), now=NOW)
     assert "none needed yet" in empty and "none yet" in empty and "drain" not in empty
     unknown = broker_pb2.BrokerStatus()
-    unknown.state = 99  # open enum: a newer broker's state this client does not know
+    unknown.state = 99  # type: ignore[assignment]  # open enum: a newer broker's state
     assert format_status(unknown, now=NOW).startswith("state            UNKNOWN(99)")
 
 

@@ -227,11 +227,16 @@ def _judge(state: WorkspaceState, record: BrokerRecord | None, *, env: Mapping[s
            spawn_timeout: float, progress: Callable[[str], None] | None) -> Decision:
     """Observe and decide; a broker still starting (its spawner was killed) is waited for, as its
     spawn would have, and then judged again. Ends: each wait lasts until SERVING, the broker's
-    exit or the spawn deadline, after which the table no longer says STARTING."""
+    exit or the spawn deadline, after which the table no longer says STARTING (and should the
+    wall clock have stepped back, a full deadline waited here counts as the deadline passed)."""
+    began = time.monotonic()
     while True:
         observation = observe(record, env=env, wanted_command=command, spawn_deadline=spawn_timeout)
         if state.corrupt is not None:
             observation = dataclasses.replace(observation, record_corrupt=True)
+        if time.monotonic() - began >= spawn_timeout:
+            observation = dataclasses.replace(observation, now=max(observation.now, observation.started_at
+                                                                   + observation.spawn_deadline_seconds))
         decision = decide(observation)
         if decision.verdict is not Verdict.STARTING or record is None:
             return decision

@@ -223,37 +223,51 @@ def _wait_exit(pid: int, create_time: float, timeout: float | None, what: str) -
             progress(f"waiting for broker pid {pid} to {what} ({waited:.0f} s)")
 
 
-def _broker_identity(client: Any) -> tuple[int, float]:
+def _broker_identity(client: Any, record: Any = None, status: Any = None) -> Any:
+    """The proven identity of the broker answering ``client``'s endpoint (``identity.prove_broker``:
+    alive, ours, and tied to the endpoint by something Status cannot forge); with a ``record``, its
+    instance id must be the one Status reports. IdentityError otherwise: nothing may be signalled
+    or waited on."""
     from lifecycle import identity
-    from lifecycle.errors import BrokerError
+    from lifecycle.errors import IdentityError
 
-    status = client.status(timeout=5.0)
-    create_time = identity.process_create_time(status.pid)
-    if create_time is None:
-        raise BrokerError(f"broker pid {status.pid} reported by Status is not running here")
-    return status.pid, create_time
+    status = client.status(timeout=5.0) if status is None else status
+    if record is not None and status.instance_id != record.instance_id:
+        raise IdentityError(f"{client.endpoint} answers for instance {status.instance_id or '(none)'}, "
+                            f"not the recorded {record.instance_id}; nothing was signalled")
+    try:
+        return identity.prove_broker(client.endpoint, status.pid, status.instance_id)
+    except IdentityError as exc:
+        raise IdentityError(f"refusing to signal or wait on pid {status.pid}: {exc}") from None
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
+    """Drain; with --wait, only a broker whose identity is proven is waited on."""
     from lifecycle.client import BrokerClient
     from lifecycle.errors import DrainTimeout
 
-    with BrokerClient(_endpoint(args), token=_token(args)) as client:
-        pid, create_time = _broker_identity(client)
+    record = None if args.endpoint else _recorded(args)
+    endpoint = args.endpoint if record is None else record.endpoint
+    with BrokerClient(endpoint, token=_token(args)) as client:
+        status = client.status(timeout=5.0)
+        proven = _broker_identity(client, record, status) if args.wait else None
         reply = client.drain(args.deadline or 0.0, reason=args.reason or "codex-broker drain", force=args.force)
     from protos import broker_pb2
 
+    pid = status.pid
     state = broker_pb2.BrokerState.Name(reply.state).removeprefix("BROKER_STATE_")
     print(f"broker pid {pid}: {state}, {reply.in_flight_turns} turns and {reply.pending_requests} requests in flight")
-    if args.wait:
-        if not _wait_exit(pid, create_time, None, "finish its turns and exit"):
+    if proven is not None:
+        if not _wait_exit(proven.pid, proven.create_time, None, "finish its turns and exit"):
             raise DrainTimeout(f"broker pid {pid} did not exit")
         print(f"broker pid {pid} exited")
     return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """Graceful unless --force: drain with the default deadline and wait for the exit."""
+    """Graceful unless --force: drain with the default deadline and wait for the exit. The broker's
+    identity is proven before anything is asked of it; a recorded broker that does not answer is
+    stopped (--force) by its record, which ``kill_broker`` verifies again."""
     from lifecycle.client import BrokerClient
     from lifecycle.errors import BrokerError, DrainTimeout
 
@@ -261,18 +275,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
     endpoint = args.endpoint if record is None else record.endpoint
     with BrokerClient(endpoint, token=_token(args)) as client:
         try:
-            pid, create_time = _broker_identity(client)
+            status = client.status(timeout=5.0)
         except BrokerError:
             if record is None or not args.force:
                 raise
-            pid, create_time = record.pid, record.create_time  # not answering: forced stop by record
+            proven = _recorded_identity(record)  # not answering: forced stop by record
         else:
+            proven = _broker_identity(client, record, status)
             client.drain(0.0, reason="codex-broker stop" + (" --force" if args.force else ""), force=args.force)
-    if args.force:
-        if not _wait_exit(pid, create_time, 5.0, "exit"):
-            _force_kill(record, pid, create_time)
-    elif not _wait_exit(pid, create_time, args.timeout, "finish its turns and exit"):
-        raise DrainTimeout(f"broker pid {pid} still draining after {args.timeout:g} s (stop --force interrupts)")
+    if proven is None:  # the recorded broker is gone already
+        assert record is not None
+        pid = record.pid
+    elif args.force:
+        pid = proven.pid
+        if not _wait_exit(pid, proven.create_time, 5.0, "exit"):
+            _force_kill(record, proven)
+    else:
+        pid = proven.pid
+        if not _wait_exit(pid, proven.create_time, args.timeout, "finish its turns and exit"):
+            raise DrainTimeout(f"broker pid {pid} still draining after {args.timeout:g} s (stop --force interrupts)")
     if record is not None:
         from lifecycle.ensure import remove_session_dir, workspace_state
 
@@ -282,17 +303,35 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _force_kill(record: Any, pid: int, create_time: float) -> None:
+def _recorded_identity(record: Any) -> Any:
+    """The identity of a recorded broker that does not answer (``identity.prove_recorded_broker``),
+    or None when it is no longer running; IdentityError when the pid is some other process."""
+    from lifecycle import identity
+    from proxy import contract
+
+    if not identity.is_same_process(record.pid, record.create_time):
+        return None
+    try:
+        socket_path = "" if contract.is_tcp(record.endpoint) else contract.parse_unix_endpoint(record.endpoint)
+    except contract.EndpointError:
+        socket_path = ""  # no listener can be asked: the command line is the proof
+    return identity.prove_recorded_broker(record.pid, record.create_time, record.instance_id, socket_path)
+
+
+def _force_kill(record: Any, proven: Any) -> None:
+    """SIGKILL a proven broker that did not exit: by its record when it is the recorded one (its
+    app-server's group too), else its own group, the create time checked right before."""
     import signal
 
     from lifecycle import identity
     from lifecycle.ensure import kill_broker
 
-    if record is not None and record.pid == pid:
+    if (record is not None and record.pid == proven.pid
+            and abs(record.create_time - proven.create_time) <= identity.CREATE_TIME_TOLERANCE):
         kill_broker(record)
     else:
-        identity.signal_verified(pid, create_time, signal.SIGKILL, group=True)
-        identity.wait_gone(pid, create_time, 5.0)
+        identity.signal_verified(proven.pid, proven.create_time, signal.SIGKILL, group=True)
+        identity.wait_gone(proven.pid, proven.create_time, 5.0)
 
 
 def cmd_call(args: argparse.Namespace) -> int:

@@ -29,22 +29,8 @@ from lifecycle.errors import (
     SessionClosed,
 )
 from protos import broker_pb2, broker_pb2_grpc
+from proxy.contract import CHANNEL_OPTIONS
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.initial_reconnect_backoff_ms", 20),
-    # Despite its name, this is gRPC's minimum *connect timeout*: at 20 ms a healthy broker that
-    # was slow to send its HTTP/2 SETTINGS (a loaded machine) looked unreachable, i.e. wedged, and
-    # got killed with its turns. Connecting is bounded by each RPC's own deadline instead.
-    ("grpc.min_reconnect_backoff_ms", 20_000),
-    ("grpc.max_reconnect_backoff_ms", 200),
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 3000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.enable_retries", 0),
-]
 HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _CLOSE = object()
 
@@ -96,8 +82,9 @@ class BrokerClient:
         self.close()
 
     def _rpc_error(self, exc: grpc.RpcError, what: str, timeout: float | None) -> BrokerError:
-        return rpc_error(exc.code(), exc.details(), what=what, endpoint=self.endpoint,  # type: ignore[attr-defined]
-                         timeout=timeout)
+        call = exc if isinstance(exc, grpc.Call) else None  # what grpc raises is both
+        return rpc_error(call.code() if call else None, call.details() if call else str(exc), what=what,
+                         endpoint=self.endpoint, timeout=timeout)
 
     def wait_connected(self, timeout: float) -> None:
         """ConnectError unless the socket accepts a connection within ``timeout``."""

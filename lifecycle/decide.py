@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lifecycle.errors import UsageError
+from proxy import contract
+from proxy.contract import resolve_codex_home  # noqa: F401 (one rule, re-exported for callers)
 
 DEFAULT_MAX_AGE_HOURS = 6.0
 MAX_AGE_ENV = ("CODEX_BROKER_MAX_AGE_HOURS", "CODEX_COMPANION_BROKER_MAX_AGE_HOURS")
@@ -30,7 +31,7 @@ HANG_THRESHOLD = 3.0  # the broker's own rule (serve --probe-timeout default): s
 WEDGE_MARGIN = 1.0
 WEDGE_WINDOW = HANG_THRESHOLD + WEDGE_MARGIN  # silence needed before a broker counts as wedged
 MIN_ATTEMPTS = 2  # ... across at least this many attempts
-DEFAULT_SPAWN_DEADLINE = 30.0
+DEFAULT_SPAWN_DEADLINE = contract.SPAWN_TIMEOUT
 
 
 class Verdict(enum.Enum):
@@ -195,19 +196,6 @@ def _hours(seconds: float) -> str:
 
 
 # --- configuration from the environment ---------------------------------------------------------
-
-
-def resolve_codex_home(env: Mapping[str, str]) -> str:
-    """CODEX_HOME as codex would use it, resolved so equal homes compare equal.
-
-    Unset or empty means ``~/.codex``; ``~`` is expanded with the env's HOME when it has one;
-    relative paths are taken from the current directory; symlinks are resolved.
-    """
-    home = env.get("HOME") or os.path.expanduser("~")
-    value = env.get("CODEX_HOME") or os.path.join(home, ".codex")
-    if value == "~" or value.startswith("~/"):
-        value = home + value[1:]
-    return os.path.realpath(os.path.abspath(value))
 
 
 def max_age_seconds(env: Mapping[str, str]) -> float:

@@ -34,6 +34,7 @@ from lifecycle.decide import (
     resolve_codex_home,
 )
 from lifecycle.errors import BrokerError, CallTimeout, ConnectError, HealthTimeout, RpcFailed, UsageError
+from lifecycle.settings import Settings
 from lifecycle.spawn import app_server_command, finish_record, spawn_broker, wait_serving
 from lifecycle.state import BrokerRecord, HistoryEntry, WorkspaceState, state_root
 
@@ -170,7 +171,7 @@ def _state_name(state: int) -> str:
 
 
 def ensure_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
-                  state_dir: Path | None = None, spawn_timeout: float = 30.0,
+                  state_dir: Path | None = None, spawn_timeout: float | None = None,
                   progress: Callable[[str], None] | None = None) -> BrokerSession:
     """The workspace's healthy broker: reused when live, otherwise spawned (rotating the old one
     gracefully when it is aged or mismatched). Raises a BrokerError subclass naming the phase."""
@@ -178,7 +179,7 @@ def ensure_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str
 
 
 def rotate_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
-                  state_dir: Path | None = None, spawn_timeout: float = 30.0,
+                  state_dir: Path | None = None, spawn_timeout: float | None = None,
                   progress: Callable[[str], None] | None = None) -> BrokerSession:
     """Like ensure_broker, but a live broker is rotated too: asked to drain (its turns finish)
     while a new one is spawned for every later caller."""
@@ -196,8 +197,11 @@ def workspace_state(cwd: str | os.PathLike[str] | None, env: Mapping[str, str],
 
 
 def _ensure(cwd: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None, state_dir: Path | None,
-            spawn_timeout: float, progress: Callable[[str], None] | None, rotate: bool = False) -> BrokerSession:
+            spawn_timeout: float | None, progress: Callable[[str], None] | None, rotate: bool = False
+            ) -> BrokerSession:
     env = os.environ if env is None else env
+    if spawn_timeout is None:  # also the deadline of a record still starting, and gc's "may be starting"
+        spawn_timeout = Settings.from_env(env).spawn_timeout
     workspace, state = workspace_state(cwd, env, state_dir)
     command = app_server_command(env)
     with state.lock(timeout=LOCK_TIMEOUT):

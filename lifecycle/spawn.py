@@ -9,7 +9,12 @@ its log.
 Sequencing: start -> record (marked starting) -> wait -> record (ready). The broker is recorded
 before the wait, so an ensure killed mid-spawn leaves a record the next ensure judges (the
 decision table's STARTING row), never an unrecorded broker. On any failure the broker is
-stopped and its starting record removed, only if the record still names that instance."""
+stopped and its starting record removed, only if the record still names that instance.
+
+The argv comes from ``proxy.contract.build_serve_argv`` (gc and identity parse it back with the
+same module); it names the broker's instance id and the state root whose record owns it. Old logs
+are pruned, but never one a running broker still writes to (a draining broker may run for an
+hour after it was replaced)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,51 +34,71 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lifecycle.client import CHANNEL_OPTIONS, BrokerClient
-from lifecycle.decide import resolve_codex_home
-from lifecycle.errors import BrokerError, SpawnError, SpawnTimeout, StateError, UsageError
+from lifecycle.client import BrokerClient
+from lifecycle.errors import BrokerError, SpawnError, SpawnTimeout
+from lifecycle.settings import Settings
 from lifecycle.state import BrokerRecord, WorkspaceState
-from proxy.cli import split_app_server
+from proxy import contract
+from proxy.contract import CHANNEL_OPTIONS
 
 LOGS_KEPT = 10
 
 
 def app_server_command(env: Mapping[str, str]) -> list[str]:
     """The app-server command spawned brokers run: the same rule as ``serve`` (proxy.cli)."""
-    try:
-        return split_app_server(None, env)
-    except ValueError as exc:
-        raise UsageError(f"CODEX_BROKER_APP_SERVER: {exc}") from None
+    return Settings.from_env(env).app_server_command
 
 
 def runtime_dir(env: Mapping[str, str]) -> Path:
-    """Where session directories live: short paths (unix socket paths are limited to ~107
-    bytes). CODEX_BROKER_RUNTIME_DIR, else $XDG_RUNTIME_DIR/codex-broker, else
-    /tmp/codex-broker-<uid>; created 0700 and refused unless private and ours."""
-    explicit = env.get("CODEX_BROKER_RUNTIME_DIR")
-    if explicit:
-        path = Path(explicit)
-    elif env.get("XDG_RUNTIME_DIR") and os.path.isdir(env["XDG_RUNTIME_DIR"]):
-        path = Path(env["XDG_RUNTIME_DIR"]) / "codex-broker"
-    else:
-        path = Path("/tmp") / f"codex-broker-{os.getuid()}"
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = path.lstat()
-    except OSError as exc:
-        raise StateError(f"cannot create the runtime directory {path}: {exc.strerror}") from None
-    if path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise StateError(f"unsafe runtime directory {path}: it must be a directory owned by you with mode 0700")
-    return path
+    """Where session directories live (``Settings.runtime_dir``): short paths (unix socket paths
+    are limited to ~107 bytes), created 0700, private and ours."""
+    return Settings.from_env(env).runtime_dir()
 
 
 def _log_file(state: WorkspaceState, instance_id: str) -> Path:
-    logs = state.path / "logs"
+    logs = state.path / contract.LOGS_DIR_NAME
     logs.mkdir(mode=0o700, exist_ok=True)
-    old = sorted(logs.glob("broker-*.log"), key=lambda p: p.stat().st_mtime)
-    for stale in old[:-LOGS_KEPT]:
-        stale.unlink(missing_ok=True)
+    prune_logs(logs)
     return logs / f"broker-{time.strftime('%Y%m%dT%H%M%S')}-{instance_id[:8]}.log"
+
+
+def prune_logs(logs: Path, keep: int = LOGS_KEPT) -> list[Path]:
+    """Delete all but the ``keep`` newest logs, except those a running broker holds open; returns
+    what was deleted."""
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    old = sorted(logs.glob(contract.LOG_GLOB), key=mtime)[:-keep] if keep > 0 else []
+    if not old:
+        return []
+    in_use = logs_in_use()
+    removed = []
+    for stale in old:
+        if os.path.realpath(stale) not in in_use:
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def logs_in_use() -> set[str]:
+    """Real paths of the files this user's running brokers (serve argv, ``proxy.contract``) hold
+    open: their stdout and stderr are their log."""
+    used: set[str] = set()
+    uid = os.getuid()
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        info = proc.info
+        if not info.get("uids") or info["uids"].real != uid:
+            continue
+        if contract.parse_serve_argv(info.get("cmdline") or []) is None:
+            continue
+        try:
+            used.update(os.path.realpath(f.path) for f in proc.open_files())
+        except psutil.Error:
+            continue
+    return used
 
 
 def log_tail(path: str | Path, lines: int = 8) -> str:
@@ -93,12 +118,12 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     the next ensure finds the starting record and waits for it or, past the deadline, kills it.
     On failure the broker is stopped and the record removed (only if it still names it)."""
     instance_id = str(uuid.uuid4())
-    session_dir = runtime_dir(env) / secrets.token_hex(4)
-    endpoint = f"unix:{session_dir}/s.sock"
+    session_dir = runtime_dir(env) / secrets.token_hex(contract.SESSION_DIR_BYTES)
+    endpoint = contract.unix_endpoint(contract.session_socket(str(session_dir)))
     log_file = _log_file(state, instance_id)
-    argv = [sys.executable, "-m", "proxy", "serve", "--endpoint", endpoint, "--cwd", cwd,
-            "--app-server", shlex.join(command), "--instance-id", instance_id,
-            "--pid-file", str(session_dir / "broker.pid")]
+    argv = contract.build_serve_argv(sys.executable, endpoint=endpoint, cwd=cwd, app_server=shlex.join(command),
+                                     instance_id=instance_id, pid_file=str(session_dir / contract.PID_FILE_NAME),
+                                     state_root=str(state.root))
     spawned_at = time.time()
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
@@ -108,7 +133,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
         starting = BrokerRecord(
             endpoint=endpoint, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
             instance_id=instance_id, started_at=spawned_at, session_dir=str(session_dir), log_file=str(log_file),
-            version="", app_server_command=list(command), codex_home=resolve_codex_home(env), cwd=cwd,
+            version="", app_server_command=list(command), codex_home=contract.resolve_codex_home(env), cwd=cwd,
             starting=True)
         state.write(starting)
         outcome = wait_serving(endpoint, timeout, lambda: proc.wait() is not None, progress)
@@ -177,9 +202,10 @@ def wait_serving(endpoint: str, timeout: float, wait_gone: Callable[[], bool],
     except grpc.RpcError as exc:
         if exited.is_set():
             return "gone"
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+        call = exc if isinstance(exc, grpc.Call) else None  # what grpc raises is both
+        if call is not None and call.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return "timeout"
-        return str(exc.details())  # type: ignore[attr-defined]
+        return str(call.details() if call is not None else exc)
     finally:
         if ticker is not None:
             ticker.set()

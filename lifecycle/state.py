@@ -23,16 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import platformdirs
 
 from lifecycle.errors import StateError
+from lifecycle.settings import Settings
+from proxy.contract import HISTORY_NAME, LOCK_NAME, RECORD_NAME, WORKSPACES_DIR_NAME
 
 log = logging.getLogger("codex_broker.lifecycle")
 
-STATE_DIR_ENV = "CODEX_BROKER_STATE_DIR"
-RECORD_NAME = "broker.json"
-LOCK_NAME = "lock"
-HISTORY_NAME = "history.jsonl"
 HISTORY_LIMIT = 50
 
 
@@ -41,12 +38,7 @@ HISTORY_LIMIT = 50
 
 def state_root(env: Mapping[str, str] | None = None) -> Path:
     """The state root, from ``CODEX_BROKER_STATE_DIR`` or the user's state dir; created 0700."""
-    env = os.environ if env is None else env
-    override = env.get(STATE_DIR_ENV)
-    if override:
-        root = Path(os.path.abspath(os.path.expanduser(override)))
-    else:
-        root = platformdirs.user_state_path("codex-broker")
+    root = Settings.from_env(env).state_root
     _make_private_dir(root)
     return root
 
@@ -213,7 +205,12 @@ class WorkspaceState:
     def for_cwd(cls, cwd: str | os.PathLike[str], root: Path | None = None) -> WorkspaceState:
         """The state of the workspace containing ``cwd`` (keyed by its real path)."""
         base = state_root() if root is None else root
-        return cls(base / "workspaces" / workspace_key(cwd))
+        return cls(base / WORKSPACES_DIR_NAME / workspace_key(cwd))
+
+    @property
+    def root(self) -> Path:
+        """The state root this workspace belongs to (``<root>/workspaces/<key>``), absolute."""
+        return Path(os.path.abspath(self.path)).parent.parent
 
     @property
     def record_path(self) -> Path:

@@ -1,5 +1,8 @@
 """Regenerate the gRPC modules from protos/*.proto: ``python -m protos.generate``.
 
+The typed stub of the gRPC module (``broker_pb2_grpc.pyi``, from mypy-protobuf) lets mypy
+check the servicers and stubs at the gRPC boundary.
+
 With ``--check`` it regenerates into a temporary directory and exits 1 when the committed
 modules differ (the test suite runs this)."""
 from __future__ import annotations
@@ -13,7 +16,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ["protos/broker.proto"]
-OUTPUTS = ["broker_pb2.py", "broker_pb2.pyi", "broker_pb2_grpc.py"]
+OUTPUTS = ["broker_pb2.py", "broker_pb2.pyi", "broker_pb2_grpc.py", "broker_pb2_grpc.pyi"]
+
+
+def _plugin(name: str) -> str:
+    """A protoc plugin installed beside this interpreter (mypy-protobuf, a dev dependency)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install -e '.[dev]' (it comes with mypy-protobuf)")
+    return found
 
 
 def generate(out_root: Path) -> None:
@@ -21,7 +33,8 @@ def generate(out_root: Path) -> None:
 
     (out_root / "protos").mkdir(parents=True, exist_ok=True)
     args = ["protoc", f"-I{ROOT}", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", *PROTOS]
+            f"--grpc_python_out={out_root}", f"--mypy_grpc_out={out_root}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}", *PROTOS]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 

@@ -13,7 +13,8 @@ import sys
 import time
 from collections.abc import Mapping
 
-DEFAULT_APP_SERVER = "codex app-server"
+from proxy import contract
+from proxy.contract import DEFAULT_APP_SERVER
 
 
 class _Formatter(logging.Formatter):
@@ -53,37 +54,9 @@ def app_server_command(flag: str | None) -> list[str]:
         raise SystemExit(f"codex-broker serve: bad app-server command: {exc}") from None
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint", required=True,
-                   help="where to listen: unix:PATH (a fresh directory is created 0700), or tcp:HOST:PORT "
-                        "(needs --token-file; loopback unless --allow-remote)")
-    p.add_argument("--token-file", default=None,
-                   help="TCP only: a 0600 file with the bearer token every RPC but Health must carry")
-    p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
-    p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
-    p.add_argument("--app-server", default=None,
-                   help="app-server command, split shell-style (default: $CODEX_BROKER_APP_SERVER or "
-                        f"'{DEFAULT_APP_SERVER}')")
-    p.add_argument("--pid-file", default=None, help="write the broker's pid here; removed on exit")
-    p.add_argument("--instance-id", default=None, help="identity reported by Status (default: a new uuid)")
-    p.add_argument("--probe-method", default="thread/loaded/list", help="read-only request used as health probe")
-    p.add_argument("--probe-interval", type=_positive, default=1.0, metavar="S",
-                   help="probe when nothing answered for this long (default 1)")
-    p.add_argument("--probe-timeout", type=_positive, default=3.0, metavar="S",
-                   help="unanswered this long = wedged, NOT_SERVING (default 3)")
-    p.add_argument("--drain-deadline", type=_positive, default=3600.0, metavar="S",
-                   help="default drain deadline before turns are interrupted (default 3600)")
-    p.add_argument("--idle-timeout", type=_positive, default=1800.0, metavar="S",
-                   help="exit after this long with no Sessions and no work; 0 = never (default 1800)")
-    p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
-                   help="a Session further behind than this is dropped (default 8 MiB)")
+    """Serve's options, as the contract defines them (gc parses brokers' argv with the same)."""
+    contract.add_serve_arguments(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:

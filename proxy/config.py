@@ -9,7 +9,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-MAX_SOCKET_PATH = 107
+from proxy import contract
 
 
 class ConfigError(Exception):
@@ -40,15 +40,14 @@ class ServeConfig:
     session_buffer_bytes: int = 8 << 20
     max_message_bytes: int = 64 << 20
     max_line_bytes: int = 256 << 20
-    codex_home: str = field(default_factory=lambda: os.path.realpath(
-        os.environ.get("CODEX_HOME") or os.path.expanduser("~/.codex")))
+    codex_home: str = field(default_factory=lambda: contract.resolve_codex_home(os.environ))
 
     token_file: str | None = None
     allow_remote: bool = False
 
     @property
     def is_tcp(self) -> bool:
-        return self.endpoint.startswith("tcp:")
+        return contract.is_tcp(self.endpoint)
 
     @property
     def socket_path(self) -> str | None:
@@ -75,24 +74,20 @@ def new_instance_id() -> str:
 
 
 def parse_tcp_endpoint(endpoint: str) -> tuple[str, int]:
-    """(host, port) of ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6); port 0 picks a free one."""
-    host, sep, port = endpoint[len("tcp:"):].rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"bad endpoint {endpoint!r}: expected tcp:HOST:PORT")
-    return host, int(port)
+    """(host, port) of ``tcp:HOST:PORT``, by the contract's grammar; ConfigError otherwise."""
+    try:
+        return contract.parse_tcp_endpoint(endpoint)
+    except contract.EndpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_endpoint(endpoint: str) -> str:
-    """The absolute socket path of a ``unix:PATH`` (or ``unix://ABSPATH``) endpoint."""
-    if not endpoint.startswith("unix:"):
-        raise ConfigError(f"unsupported endpoint {endpoint!r}: expected unix:PATH or tcp:HOST:PORT")
-    path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint[len("unix:"):]
-    if not path:
-        raise ConfigError(f"bad endpoint {endpoint!r}: empty socket path")
-    path = os.path.abspath(path)
-    if len(path.encode()) > MAX_SOCKET_PATH:
-        raise ConfigError(f"socket path too long ({len(path.encode())} bytes, limit {MAX_SOCKET_PATH}): {path}")
-    return path
+    """The absolute socket path of a ``unix:PATH`` endpoint, by the contract's grammar; ConfigError
+    otherwise."""
+    try:
+        return contract.parse_unix_endpoint(endpoint)
+    except contract.EndpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:

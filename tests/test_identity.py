@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 
-from lifecycle.identity import is_same_process, process_create_time, signal_verified, wait_gone
+from lifecycle.errors import IdentityError
+from lifecycle.identity import (
+    is_same_process,
+    peer_credentials,
+    process_create_time,
+    prove_broker,
+    prove_recorded_broker,
+    runs_instance,
+    signal_verified,
+    wait_gone,
+)
 
 
 @pytest.fixture
@@ -124,3 +137,41 @@ def test_wait_gone_times_out_on_a_live_process(sleeper: subprocess.Popen[bytes])
 def test_wait_gone_is_immediate_for_another_process_by_create_time(sleeper: subprocess.Popen[bytes]) -> None:
     assert wait_gone(sleeper.pid, _create_time(sleeper.pid) - 100.0, timeout=30) is True
     assert sleeper.poll() is None
+
+
+def test_peer_credentials_name_the_listening_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    assert peer_credentials(path) is None  # nothing there
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        assert peer_credentials(path) is None  # bound, not listening: refused
+        listener.listen(1)
+        assert peer_credentials(path) == (os.getpid(), os.getuid())
+
+
+def test_an_instance_id_among_arguments_is_not_a_broker_running_it() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve", "--endpoint",
+                             "unix:/tmp/x/s.sock", "--instance-id", "inst-1"])
+    try:
+        created = _create_time(proc.pid)
+        assert not runs_instance(proc.pid, "inst-1")
+        with pytest.raises(IdentityError, match="not a codex-broker serve process"):
+            prove_recorded_broker(proc.pid, created, "inst-1", "/tmp/x/s.sock")
+        with pytest.raises(IdentityError, match="not a codex-broker serve process"):
+            prove_broker("tcp:127.0.0.1:1", proc.pid, "inst-1")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_prove_broker_refuses_a_pid_that_does_not_listen_on_the_unix_endpoint(
+        sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        with pytest.raises(IdentityError, match=f"the process listening there is pid {os.getpid()}"):
+            prove_broker(f"unix:{path}", sleeper.pid, "any")
+        assert prove_broker(f"unix:{path}", os.getpid(), "any").pid == os.getpid()
+    with pytest.raises(IdentityError, match="not a running process"):
+        prove_broker(f"unix:{path}", 0, "any")

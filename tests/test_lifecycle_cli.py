@@ -192,14 +192,16 @@ def test_gc_drains_orphans_removes_dead_session_dirs_and_leaves_recorded_brokers
     dead_dir.mkdir(mode=0o700)
     (dead_dir / "s.sock").touch()
 
-    dry = ok(world.cli("gc", "--dry-run"))
+    old = world.env_with(CODEX_BROKER_SPAWN_TIMEOUT="0")  # no broker or directory counts as still starting
+
+    dry = ok(world.cli("gc", "--dry-run", env=old))
 
     assert f"would drain orphaned broker pid {orphan.pid}" in dry
     assert f"would remove dead session directory {dead_dir}" in dry
     assert str(recorded.pid) not in dry
     assert dead_dir.exists() and world.client(orphan.endpoint).health() == "SERVING"
 
-    out = ok(world.cli("gc"))
+    out = ok(world.cli("gc", env=old))
 
     assert f"asked orphaned broker pid {orphan.pid} to drain" in out
     assert f"removed dead session directory {dead_dir}" in out
@@ -207,5 +209,5 @@ def test_gc_drains_orphans_removes_dead_session_dirs_and_leaves_recorded_brokers
     assert not dead_dir.exists()
     assert world.client(recorded.endpoint).health() == "SERVING"
     assert world.ensure().pid == recorded.pid
-    report = json.loads(ok(world.cli("gc", "--json")))
+    report = json.loads(ok(world.cli("gc", "--json", env=old)))
     assert report["actions"] == [] and report["brokers"] == 1

@@ -25,6 +25,7 @@ from typing import Any
 from lifecycle import identity
 from lifecycle.client import BrokerClient
 from lifecycle.decide import (
+    DEFAULT_SPAWN_DEADLINE,
     WEDGE_WINDOW,
     Decision,
     Observation,
@@ -85,7 +86,8 @@ class Probe:
     attempts: int = 0
 
 
-def probe_broker(client: BrokerClient, instance_id: str, *, window: float = WEDGE_WINDOW) -> Probe:
+def probe_broker(client: BrokerClient, instance_id: str, *, window: float = WEDGE_WINDOW,
+                 progress: Callable[[str], None] | None = None) -> Probe:
     """Status, then Health, retried across ``window`` while nothing answers. An answer of any
     kind is life: a Status error other than UNAVAILABLE or a timeout, or a Health that does not
     answer once Status has, reads as NOT_SERVING (unhealthy, never wedged)."""
@@ -93,6 +95,9 @@ def probe_broker(client: BrokerClient, instance_id: str, *, window: float = WEDG
     deadline = start + window
     status, responded, attempts = None, False, 0
     while status is None and not responded and time.monotonic() < deadline:
+        if progress is not None and attempts and time.monotonic() - start >= 1.0:
+            progress(f"the broker has not answered for {time.monotonic() - start:.0f} s "
+                     f"(wedged after {window:g} s of silence)")
         attempts += 1
         try:
             status = client.status(timeout=min(ATTEMPT_TIMEOUT, deadline - time.monotonic()))
@@ -126,7 +131,8 @@ def _health(client: BrokerClient, deadline: float) -> str:
 
 
 def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_command: list[str],
-            spawn_deadline: float = 30.0, window: float = WEDGE_WINDOW) -> Observation:
+            spawn_deadline: float = DEFAULT_SPAWN_DEADLINE, window: float = WEDGE_WINDOW,
+            progress: Callable[[str], None] | None = None) -> Observation:
     """Everything the decision needs, gathered with bounded waits; never signals."""
     wanted_home = resolve_codex_home(env)
     base = dict(max_age_seconds=max_age_seconds(env), wanted_app_server_command=tuple(wanted_command),
@@ -142,7 +148,8 @@ def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_comma
     probe = Probe()
     if same:
         with BrokerClient(record.endpoint) as client:
-            probe = probe_broker(client, record.instance_id, window=_window(record, spawn_deadline, window))
+            probe = probe_broker(client, record.instance_id, window=_window(record, spawn_deadline, window),
+                                 progress=progress)
     status: Any = probe.status
     return Observation(record_present=True, record_corrupt=False, pid_alive=alive, create_time_matches=same,
                        status_answered=status is not None,
@@ -235,7 +242,8 @@ def _judge(state: WorkspaceState, record: BrokerRecord | None, *, env: Mapping[s
     wall clock have stepped back, a full deadline waited here counts as the deadline passed)."""
     began = time.monotonic()
     while True:
-        observation = observe(record, env=env, wanted_command=command, spawn_deadline=spawn_timeout)
+        observation = observe(record, env=env, wanted_command=command, spawn_deadline=spawn_timeout,
+                              progress=progress)
         if state.corrupt is not None:
             observation = dataclasses.replace(observation, record_corrupt=True)
         if time.monotonic() - began >= spawn_timeout:

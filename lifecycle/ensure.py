@@ -172,9 +172,13 @@ def _window(record: BrokerRecord, spawn_deadline: float, window: float) -> float
 
 
 def _state_name(state: int) -> str:
+    """A state name; one this client does not know (a newer broker's) reads UNKNOWN(n)."""
     from protos import broker_pb2
 
-    return broker_pb2.BrokerState.Name(state).removeprefix("BROKER_STATE_")
+    try:
+        return broker_pb2.BrokerState.Name(state).removeprefix("BROKER_STATE_")
+    except ValueError:
+        return f"UNKNOWN({state})"
 
 
 def ensure_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,

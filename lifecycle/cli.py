@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -43,12 +44,35 @@ def _print_json(data: Any) -> None:
 
 
 def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    """A duration for people; total over every float a Status can carry (inf, NaN, huge,
+    negative): what cannot be a duration reads "?", a negative one "0s"."""
+    if not math.isfinite(seconds):
+        return "?"
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _since(now: float, then: float) -> str:
+    """How long ago ``then`` was; "?" when the difference is not a number."""
+    return _age(now - then) if math.isfinite(then) else "?"
+
+
+def _number(value: float, spec: str = ".2f") -> str:
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def _state_name(value: int) -> str:
+    """A BrokerState's short name; a value this client does not know is shown as its number."""
+    from protos import broker_pb2
+
+    try:
+        return broker_pb2.BrokerState.Name(value).removeprefix("BROKER_STATE_")
+    except ValueError:
+        return f"UNKNOWN({value})"
 
 
 # -- finding a broker ----------------------------------------------------------------------
@@ -115,33 +139,33 @@ def status_dict(status: Any) -> dict[str, Any]:
 
 
 def format_status(status: Any, now: float | None = None) -> str:
-    from protos import broker_pb2
-
+    """The human form of a BrokerStatus. Total: any Status the broker can send (every float
+    inf, NaN, huge or negative; strings empty; repeated fields empty; unknown enum values)
+    prints, so ``status`` never crashes on what it was told."""
     now = time.time() if now is None else now
-    state = broker_pb2.BrokerState.Name(status.state).removeprefix("BROKER_STATE_")
     rows = [
-        ("state", f"{state} (health {status.health})"),
-        ("endpoint", status.endpoint),
-        ("pid", f"{status.pid}, up {_age(now - status.started_at)}, version {status.version}"),
-        ("instance", status.instance_id),
-        ("cwd", status.cwd),
+        ("state", f"{_state_name(status.state)} (health {status.health or '?'})"),
+        ("endpoint", status.endpoint or "?"),
+        ("pid", f"{status.pid}, up {_since(now, status.started_at)}, version {status.version or '?'}"),
+        ("instance", status.instance_id or "?"),
+        ("cwd", status.cwd or "?"),
         ("app-server", f"pid {status.app_server_pid} ({'alive' if status.app_server_alive else 'gone'}): "
-                       f"{' '.join(status.app_server_command)}"),
-        ("last probe", f"{status.last_probe_latency_ms:.2f} ms, {_age(now - status.last_probe_at)} ago"
+                       f"{' '.join(status.app_server_command) or '?'}"),
+        ("last probe", f"{_number(status.last_probe_latency_ms)} ms, {_since(now, status.last_probe_at)} ago"
          if status.last_probe_at else "none needed yet"),
-        ("last response", f"{_age(now - status.last_response_at)} ago" if status.last_response_at else "none yet"),
+        ("last response", f"{_since(now, status.last_response_at)} ago" if status.last_response_at else "none yet"),
         ("sessions", str(status.open_sessions)),
         ("in-flight turns", str(len(status.in_flight_turns))),
         ("pending requests", str(status.pending_requests)),
     ]
     if status.drain_deadline:
-        rows.append(("drain", f"{status.drain_reason}; deadline in {_age(status.drain_deadline - now)}"))
+        rows.append(("drain", f"{status.drain_reason or '-'}; deadline in {_age(status.drain_deadline - now)}"))
     lines = [f"{name:<17}{value}" for name, value in rows]
     for s in status.sessions:
-        lines.append(f"  session {s.session_id} {s.client_name or '-'}: open {_age(now - s.opened_at)}, "
+        lines.append(f"  session {s.session_id or '?'} {s.client_name or '-'}: open {_since(now, s.opened_at)}, "
                      f"{s.pending_requests} pending, {s.subscribed_threads} threads, {s.queued_bytes} bytes queued")
     for t in status.in_flight_turns:
-        lines.append(f"  turn {t.turn_id} on thread {t.thread_id}: running {_age(now - t.started_at)}")
+        lines.append(f"  turn {t.turn_id or '?'} on thread {t.thread_id or '?'}: running {_since(now, t.started_at)}")
     return "\n".join(lines)
 
 
@@ -426,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lifecycle.errors import BrokerError
 
+    # A path that is not valid UTF-8 (a workspace named so) prints escaped, never as a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="codex-broker: %(message)s")
     try:
         return int(args.func(args))

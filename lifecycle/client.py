@@ -19,12 +19,36 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lifecycle.errors import AppServerError, CallTimeout, ConnectError, HealthTimeout, SessionClosed
+from lifecycle.errors import (
+    AppServerError,
+    BrokerError,
+    CallTimeout,
+    ConnectError,
+    HealthTimeout,
+    RpcFailed,
+    SessionClosed,
+)
 from protos import broker_pb2, broker_pb2_grpc
 from proxy.contract import CHANNEL_OPTIONS
 
 HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _CLOSE = object()
+
+
+def rpc_error(code: grpc.StatusCode | None, details: str | None, *, what: str, endpoint: str,
+              timeout: float | None) -> BrokerError:
+    """The one place a gRPC status becomes a client error (and so a CLI exit code).
+
+    UNAVAILABLE is "cannot connect" (ConnectError, 2); DEADLINE_EXCEEDED a timeout (HealthTimeout
+    for Health, CallTimeout otherwise, 3); every other code, UNAUTHENTICATED and INTERNAL
+    included, is an RPC that reached the broker and failed (RpcFailed, 3)."""
+    name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ConnectError(f"cannot reach the broker at {endpoint}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        after = f" after {timeout:g} s" if timeout is not None else ""
+        return (HealthTimeout if what == "Health" else CallTimeout)(f"{what} to {endpoint} timed out{after}")
+    return RpcFailed(f"{what} to {endpoint} failed: {name}: {details}", name)
 
 
 def _loads(text: str) -> Any:
@@ -57,14 +81,10 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _rpc_error(self, exc: grpc.RpcError, what: str, timeout: float | None) -> Exception:
-        code = exc.code()  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return ConnectError(f"cannot reach the broker at {self.endpoint}: {exc.details()}")  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return (HealthTimeout if what == "Health" else CallTimeout)(
-                f"{what} to {self.endpoint} timed out after {timeout:g} s")
-        return ConnectError(f"{what} to {self.endpoint} failed: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
+    def _rpc_error(self, exc: grpc.RpcError, what: str, timeout: float | None) -> BrokerError:
+        call = exc if isinstance(exc, grpc.Call) else None  # what grpc raises is both
+        return rpc_error(call.code() if call else None, call.details() if call else str(exc), what=what,
+                         endpoint=self.endpoint, timeout=timeout)
 
     def wait_connected(self, timeout: float) -> None:
         """ConnectError unless the socket accepts a connection within ``timeout``."""

@@ -4,6 +4,10 @@ Two branches, so a caller can tell "the app-server said no" from "our machinery 
 :class:`UpstreamError` for the app-server side, everything else for our own. Each class carries
 the CLI exit code it maps to, so the CLI turns an exception into a status in exactly one place.
 Codes follow grpc_health_probe where they overlap: 2 cannot connect, 3 RPC failed.
+
+A gRPC status becomes one of these in one place, ``lifecycle.client.rpc_error``: UNAVAILABLE is
+:class:`ConnectError` (2), DEADLINE_EXCEEDED a timeout (:class:`HealthTimeout` or
+:class:`CallTimeout`, 3), every other code :class:`RpcFailed` (3).
 """
 
 from __future__ import annotations
@@ -102,6 +106,18 @@ class CallTimeout(BrokerError):
     """A Call or Session request outlived its deadline."""
 
     exit_code = 3
+
+
+class RpcFailed(BrokerError):
+    """The broker was reached, but the RPC ended with an error status (UNAUTHENTICATED,
+    INTERNAL, RESOURCE_EXHAUSTED, UNIMPLEMENTED, ...): an RPC failure, never "cannot connect".
+    ``code`` is the gRPC status code's name."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SessionClosed(BrokerError):

@@ -4,7 +4,12 @@ short socket path, logging to a file; ready only once Health says SERVING.
 Readiness is an event, not a poll: a Health Watch with wait-for-ready connects as soon as the
 socket exists and reports SERVING when the broker is; a watcher thread cancels it the moment
 the broker process exits, so a broker that fails to start is reported at once with the tail of
-its log. On any failure the broker is stopped and nothing is recorded.
+its log.
+
+Sequencing: start -> record (marked starting) -> wait -> record (ready). The broker is recorded
+before the wait, so an ensure killed mid-spawn leaves a record the next ensure judges (the
+decision table's STARTING row), never an unrecorded broker. On any failure the broker is
+stopped and its starting record removed, only if the record still names that instance.
 
 The argv comes from ``proxy.contract.build_serve_argv`` (gc and identity parse it back with the
 same module); it names the broker's instance id and the state root whose record owns it. Old logs
@@ -12,6 +17,7 @@ are pruned, but never one a running broker still writes to (a draining broker ma
 hour after it was replaced)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shlex
@@ -105,7 +111,12 @@ def log_tail(path: str | Path, lines: int = 8) -> str:
 
 def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state: WorkspaceState,
                  timeout: float = 30.0, progress: Callable[[str], None] | None = None) -> BrokerRecord:
-    """Starts a broker for ``cwd`` and returns its record once it is SERVING."""
+    """Starts a broker for ``cwd``, records it as starting, waits until it is SERVING, then
+    records it as ready and returns that record.
+
+    Recording before waiting means an ensure killed mid-spawn never leaves an unrecorded broker:
+    the next ensure finds the starting record and waits for it or, past the deadline, kills it.
+    On failure the broker is stopped and the record removed (only if it still names it)."""
     instance_id = str(uuid.uuid4())
     session_dir = runtime_dir(env) / secrets.token_hex(contract.SESSION_DIR_BYTES)
     endpoint = contract.unix_endpoint(contract.session_socket(str(session_dir)))
@@ -113,65 +124,93 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     argv = contract.build_serve_argv(sys.executable, endpoint=endpoint, cwd=cwd, app_server=shlex.join(command),
                                      instance_id=instance_id, pid_file=str(session_dir / contract.PID_FILE_NAME),
                                      state_root=str(state.root), log_file=str(log_file))
+    spawned_at = time.time()
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    starting: BrokerRecord | None = None
     try:
-        create_time = psutil.Process(proc.pid).create_time()
-        _wait_serving(proc, endpoint, timeout, log_file, progress)
-        with BrokerClient(endpoint) as client:
-            status = client.status(timeout=5.0)
+        starting = BrokerRecord(
+            endpoint=endpoint, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+            instance_id=instance_id, started_at=spawned_at, session_dir=str(session_dir), log_file=str(log_file),
+            version="", app_server_command=list(command), codex_home=contract.resolve_codex_home(env), cwd=cwd,
+            starting=True)
+        state.write(starting)
+        outcome = wait_serving(endpoint, timeout, lambda: proc.wait() is not None, progress)
+        if outcome != "serving":
+            raise _spawn_failure(outcome, proc, timeout, log_file)
+        ready = finish_record(starting)
+        state.write(ready)
+        return ready
     except BaseException as exc:
         _stop_failed(proc)
+        if starting is not None:
+            state.clear(starting)
         if isinstance(exc, BrokerError):
             raise
         if isinstance(exc, psutil.Error | grpc.RpcError):
             raise SpawnError(str(exc), log_tail(log_file), str(log_file)) from None
         raise
+
+
+def finish_record(starting: BrokerRecord) -> BrokerRecord:
+    """The ready record of a broker that is SERVING: its own start time, version and
+    app-server (pid and create time) from Status. BrokerError when Status does not answer."""
+    with BrokerClient(starting.endpoint) as client:
+        status = client.status(timeout=5.0)
     app_create = None
     if status.app_server_pid:
         try:
             app_create = psutil.Process(status.app_server_pid).create_time()
         except psutil.Error:
             app_create = None
-    return BrokerRecord(endpoint=endpoint, pid=proc.pid, create_time=create_time, instance_id=instance_id,
-                        started_at=status.started_at, session_dir=str(session_dir), log_file=str(log_file),
-                        version=status.version, app_server_command=list(command),
-                        codex_home=contract.resolve_codex_home(env), cwd=cwd,
-                        app_server_pid=status.app_server_pid or None, app_server_create_time=app_create)
+    return dataclasses.replace(starting, started_at=status.started_at, version=status.version,
+                               app_server_pid=status.app_server_pid or None, app_server_create_time=app_create,
+                               starting=False)
 
 
-def _wait_serving(proc: subprocess.Popen[bytes], endpoint: str, timeout: float, log_file: Path,
-                  progress: Callable[[str], None] | None) -> None:
+def _spawn_failure(outcome: str, proc: subprocess.Popen[bytes], timeout: float, log_file: Path) -> SpawnError:
+    if outcome == "gone" or proc.poll() is not None:
+        return SpawnError(_exit_cause(proc, log_file), log_tail(log_file), str(log_file))
+    if outcome == "timeout":
+        return SpawnTimeout(f"broker was not SERVING within {timeout:g} s", log_tail(log_file), str(log_file))
+    return SpawnError(f"broker health watch failed: {outcome}", log_tail(log_file), str(log_file))
+
+
+def wait_serving(endpoint: str, timeout: float, wait_gone: Callable[[], bool],
+                 progress: Callable[[str], None] | None = None) -> str:
+    """Follows a Health Watch (wait-for-ready: it connects as soon as the socket exists) until
+    the broker reports SERVING. ``wait_gone`` blocks until the broker process has exited (True)
+    or gives up (False); run on a thread, it cancels the Watch at the exit, so a broker that
+    dies is reported at once. Returns "serving", "gone", "timeout", or the Watch's error."""
     channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     call = health_pb2_grpc.HealthStub(channel).Watch(
         health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
     exited = threading.Event()
 
     def watch_process() -> None:
-        proc.wait()
-        exited.set()
-        call.cancel()
+        if wait_gone():
+            exited.set()
+            call.cancel()
 
     threading.Thread(target=watch_process, name="spawn-watch", daemon=True).start()
     ticker = _progress_ticker(progress, call) if progress else None
     try:
         for reply in call:
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
+                return "serving"
     except grpc.RpcError as exc:
-        if exited.is_set() or proc.poll() is not None:
-            raise SpawnError(_exit_cause(proc, log_file), log_tail(log_file), str(log_file)) from None
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
-            raise SpawnTimeout(f"broker was not SERVING within {timeout:g} s", log_tail(log_file),
-                               str(log_file)) from None
-        raise SpawnError(f"broker health watch failed: {exc.details()}",  # type: ignore[attr-defined]
-                         log_tail(log_file), str(log_file)) from None
+        if exited.is_set():
+            return "gone"
+        call = exc if isinstance(exc, grpc.Call) else None  # what grpc raises is both
+        if call is not None and call.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "timeout"
+        return str(call.details() if call is not None else exc)
     finally:
         if ticker is not None:
             ticker.set()
         channel.close()
-    raise SpawnError(_exit_cause(proc, log_file), log_tail(log_file), str(log_file))
+    return "gone"  # the Watch ended without SERVING: the broker stopped
 
 
 def _progress_ticker(progress: Callable[[str], None], call: object) -> threading.Event:

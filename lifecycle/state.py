@@ -93,6 +93,9 @@ class BrokerRecord:
     cwd: str
     app_server_pid: int | None = None
     app_server_create_time: float | None = None
+    # Written by a spawn before it waits for SERVING (``started_at`` is then when the spawn
+    # began); cleared when the broker is ready. An ensure killed mid-spawn leaves it set.
+    starting: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps``."""
@@ -120,6 +123,10 @@ class BrokerRecord:
             if data.get("app_server_create_time") is None
             else _require_float(data, "app_server_create_time")
         )
+        starting = data.get("starting", False)
+        if not isinstance(starting, bool):
+            raise ValueError(f"field 'starting' must be true or false, got {starting!r}")
+        fields["starting"] = starting
         return cls(**fields)
 
 

@@ -14,6 +14,7 @@ import grpc
 from protos import broker_pb2, broker_pb2_grpc
 from proxy import jsonrpc
 from proxy.session import Session as ClientSession
+from proxy.text import proto_text, proto_texts
 
 if TYPE_CHECKING:
     from proxy.broker import Broker
@@ -113,28 +114,31 @@ class BrokerService(broker_pb2_grpc.BrokerServicer):
 
 
 def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
+    """The Status reply. Every string goes through proto_text: a path that is not valid UTF-8
+    (a workspace named so), or a lone surrogate from a client's JSON, must not fail the RPC."""
     hub = broker.hub
     health = broker.health
     app = broker.app
-    turns = [broker_pb2.InFlightTurn(thread_id=t.thread_id, turn_id=t.turn_id, started_at=t.started_at,
-                                     session_id=t.owner.id if t.owner else "")
+    turns = [broker_pb2.InFlightTurn(thread_id=proto_text(t.thread_id), turn_id=proto_text(t.turn_id),
+                                     started_at=t.started_at, session_id=t.owner.id if t.owner else "")
              for t in hub.turns.values()]
     sessions = [broker_pb2.SessionInfo(
-        session_id=s.id, opened_at=s.opened_at, client_name=s.client_name, pending_requests=len(s.pending),
-        subscribed_threads=len(s.threads), half_closed=s.half_closed, queued_bytes=s.queued_bytes,
-        opt_out_notification_methods=sorted(s.opt_out)) for s in hub.sessions.values()]
+        session_id=s.id, opened_at=s.opened_at, client_name=proto_text(s.client_name),
+        pending_requests=len(s.pending), subscribed_threads=len(s.threads), half_closed=s.half_closed,
+        queued_bytes=s.queued_bytes, opt_out_notification_methods=proto_texts(sorted(s.opt_out)))
+        for s in hub.sessions.values()]
     cfg = broker.config
     return broker_pb2.BrokerStatus(
-        instance_id=cfg.instance_id, pid=os.getpid(), started_at=broker.started_at, state=broker.state,
+        instance_id=proto_text(cfg.instance_id), pid=os.getpid(), started_at=broker.started_at, state=broker.state,
         app_server_pid=app.pid or 0 if app else 0, app_server_alive=bool(app and app.alive),
         app_server_create_time_ms=broker.app_server_create_time_ms,
         last_probe_at=health.last_probe_at, last_probe_latency_ms=health.last_probe_latency * 1000,
         open_sessions=len(hub.sessions), in_flight_turns=turns, pending_requests=hub.pending_work,
-        version=broker.version, cwd=cfg.cwd, endpoint=cfg.endpoint, sessions=sessions,
-        app_server_command=cfg.app_server, codex_home=cfg.codex_home,
+        version=broker.version, cwd=proto_text(cfg.cwd), endpoint=proto_text(cfg.endpoint), sessions=sessions,
+        app_server_command=proto_texts(cfg.app_server), codex_home=proto_text(cfg.codex_home),
         health="SERVING" if health.serving() else "NOT_SERVING",
         last_response_at=broker.wall_time(hub.last_response) if hub.last_response else 0.0,
-        drain_deadline=broker.drain_deadline_unix, drain_reason=broker.drain_reason,
+        drain_deadline=broker.drain_deadline_unix, drain_reason=proto_text(broker.drain_reason),
         idle_timeout_seconds=cfg.idle_timeout)
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from lifecycle.decide import (
+    HANG_THRESHOLD,
+    MIN_ATTEMPTS,
+    WEDGE_WINDOW,
     Decision,
     Observation,
     Verdict,
@@ -46,18 +49,34 @@ def observe(**changes: object) -> Observation:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
+SILENT = dict(status_answered=False, status_instance_id=None, broker_state=None, health=None)
+PROVEN = dict(SILENT, silent_seconds=WEDGE_WINDOW, probe_attempts=MIN_ATTEMPTS)
+STARTING = dict(record_starting=True, started_at=NOW - 5.0, spawn_deadline_seconds=30.0)
+STARTING_OLD = dict(STARTING, started_at=NOW - 31.0)
+
 ROWS = [
     pytest.param(dict(record_present=False), Verdict.NONE, id="no-record"),
     pytest.param(dict(record_corrupt=True), Verdict.NONE, id="corrupt-record"),
     pytest.param(dict(pid_alive=False, create_time_matches=False), Verdict.DEAD, id="pid-gone"),
     pytest.param(dict(create_time_matches=False), Verdict.DEAD, id="pid-recycled"),
     pytest.param(dict(status_instance_id="other"), Verdict.FOREIGN, id="foreign-instance"),
-    pytest.param(dict(health=None), Verdict.WEDGED, id="wedged-health-unreachable"),
-    pytest.param(
-        dict(health=None, status_answered=False, status_instance_id=None, broker_state=None),
-        Verdict.WEDGED,
-        id="wedged-status-silent-identity-by-pid",
-    ),
+    pytest.param(dict(STARTING, **SILENT), Verdict.STARTING, id="starting-young-silent"),
+    pytest.param(dict(STARTING, health="NOT_SERVING"), Verdict.STARTING, id="starting-young-not-serving"),
+    pytest.param(dict(STARTING_OLD, health="NOT_SERVING"), Verdict.WEDGED, id="starting-past-deadline-not-serving"),
+    pytest.param(dict(STARTING_OLD, **PROVEN), Verdict.WEDGED, id="starting-past-deadline-silent-proven"),
+    pytest.param(dict(STARTING_OLD, **SILENT, silent_seconds=1.5, probe_attempts=1), Verdict.SILENT,
+                 id="starting-past-deadline-silent-unproven"),
+    pytest.param(dict(STARTING), Verdict.LIVE, id="starting-record-but-serving"),
+    pytest.param(dict(STARTING, broker_state="DRAINING", health="NOT_SERVING"), Verdict.DRAINING,
+                 id="starting-record-but-draining"),
+    pytest.param(dict(PROVEN), Verdict.WEDGED, id="wedged-silent-over-window-and-attempts"),
+    pytest.param(dict(PROVEN, silent_seconds=WEDGE_WINDOW * 10), Verdict.WEDGED, id="wedged-long-silence"),
+    pytest.param(dict(SILENT, silent_seconds=2.0, probe_attempts=3), Verdict.SILENT,
+                 id="silent-shorter-than-the-window"),
+    pytest.param(dict(SILENT, silent_seconds=WEDGE_WINDOW, probe_attempts=1), Verdict.SILENT,
+                 id="silent-one-attempt"),
+    pytest.param(dict(SILENT), Verdict.SILENT, id="silent-never-tried"),
+    pytest.param(dict(health=None), Verdict.UNHEALTHY, id="status-answered-health-did-not"),
     pytest.param(dict(broker_state="DRAINING", health="NOT_SERVING"), Verdict.DRAINING, id="draining"),
     pytest.param(dict(broker_state="STOPPING", health="NOT_SERVING"), Verdict.DRAINING, id="stopping"),
     pytest.param(dict(health="NOT_SERVING"), Verdict.UNHEALTHY, id="not-serving"),
@@ -80,14 +99,16 @@ def test_each_row_of_the_table_gives_its_verdict(changes: dict[str, object], ver
     assert decision.reason.startswith(verdict.value + ":")
 
 
-# The action columns, per verdict: (reuse, spawn, drain, force_drain, kill, clean_files, signal_allowed)
+# The action columns, per verdict: (reuse, spawn, drain, kill, clean_files, waits, signal_allowed)
 ACTIONS = {
     Verdict.NONE: (False, True, False, False, False, False, False),
-    Verdict.DEAD: (False, True, False, False, False, True, False),
+    Verdict.DEAD: (False, True, False, False, True, False, False),
     Verdict.FOREIGN: (False, True, False, False, False, False, False),
-    Verdict.WEDGED: (False, True, False, False, True, True, True),
+    Verdict.STARTING: (False, False, False, False, False, True, True),
+    Verdict.WEDGED: (False, True, False, True, True, False, True),
+    Verdict.SILENT: (False, True, False, False, False, False, True),
     Verdict.DRAINING: (False, True, False, False, False, False, True),
-    Verdict.UNHEALTHY: (False, True, False, True, False, False, True),
+    Verdict.UNHEALTHY: (False, True, True, False, False, False, True),
     Verdict.AGED: (False, True, True, False, False, False, True),
     Verdict.MISMATCHED: (False, True, True, False, False, False, True),
     Verdict.LIVE: (True, False, False, False, False, False, True),
@@ -95,7 +116,7 @@ ACTIONS = {
 
 
 def _actions(d: Decision) -> tuple[bool, ...]:
-    return (d.reuse, d.spawn, d.drain, d.force_drain, d.kill, d.clean_files, d.signal_allowed)
+    return (d.reuse, d.spawn, d.drain, d.kill, d.clean_files, d.wait_ready > 0, d.signal_allowed)
 
 
 @pytest.mark.parametrize(("changes", "verdict"), ROWS)
@@ -103,15 +124,54 @@ def test_each_verdict_carries_its_actions(changes: dict[str, object], verdict: V
     assert _actions(decide(observe(**changes))) == ACTIONS[verdict]
 
 
+def test_only_a_wedged_broker_is_ever_killed() -> None:
+    killed = {verdict for verdict, actions in ACTIONS.items() if actions[3]}
+    assert killed == {Verdict.WEDGED}
+
+
+@pytest.mark.parametrize("silence", [0.0, 1.9, 2.0, 3.0, WEDGE_WINDOW - 0.01])
+def test_a_silence_shorter_than_the_wedge_window_is_never_killed(silence: float) -> None:
+    """One slow answer (2 s under load) is not proof of a wedge, however many attempts it spans."""
+    decision = decide(observe(**dict(SILENT, silent_seconds=silence, probe_attempts=5)))
+    assert decision.verdict is Verdict.SILENT and not decision.kill and not decision.clean_files
+
+
+def test_the_wedge_window_is_longer_than_the_brokers_hang_threshold() -> None:
+    from proxy.config import ServeConfig
+
+    hang = ServeConfig.__dataclass_fields__["probe_timeout"].default
+    assert HANG_THRESHOLD == hang and WEDGE_WINDOW > hang and MIN_ATTEMPTS >= 2
+
+
+def test_an_unhealthy_broker_is_drained_without_force_and_never_signalled() -> None:
+    decision = decide(observe(health="NOT_SERVING"))
+    assert decision.drain and not decision.kill and decision.spawn
+    assert "without force" in decision.reason
+
+
+def test_a_young_starting_record_is_waited_for_until_the_spawn_deadline() -> None:
+    decision = decide(observe(**dict(STARTING, **SILENT)))
+    assert decision.wait_ready == pytest.approx(25.0)
+    assert not decision.spawn and not decision.kill
+    at_deadline = decide(observe(**dict(STARTING, **SILENT, started_at=NOW - 30.0, silent_seconds=WEDGE_WINDOW,
+                                        probe_attempts=3)))
+    assert at_deadline.verdict is Verdict.WEDGED and "wedged: no answer" in at_deadline.reason
+
+
+def test_a_starting_record_past_its_deadline_that_answers_names_the_deadline() -> None:
+    decision = decide(observe(**dict(STARTING_OLD, health="NOT_SERVING")))
+    assert decision.reason == "wedged: still not SERVING 31.0 s after its spawn (deadline 30 s)"
+
+
 def test_recycled_pid_is_never_signalled_even_if_health_fails() -> None:
-    decision = decide(observe(create_time_matches=False, health=None, status_answered=False))
+    decision = decide(observe(create_time_matches=False, **PROVEN))
     assert decision.verdict is Verdict.DEAD
     assert not decision.kill and not decision.signal_allowed
     assert "recycled" in decision.reason
 
 
 def test_foreign_broker_wins_over_wedged_health() -> None:
-    decision = decide(observe(status_instance_id="someone-else", health=None))
+    decision = decide(observe(status_instance_id="someone-else", health=None, silent_seconds=9.0, probe_attempts=3))
     assert decision.verdict is Verdict.FOREIGN
     assert not decision.kill and not decision.clean_files
 

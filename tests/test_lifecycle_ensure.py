@@ -121,7 +121,10 @@ def test_a_sigkilled_broker_is_replaced_and_its_app_server_died_with_it(world: W
     assert not os.path.exists(record.session_dir), "the dead broker's session directory was left"
 
 
-def test_a_stopped_app_server_is_detected_force_drained_and_replaced(world: World) -> None:
+def test_a_stopped_app_server_is_drained_without_force_never_signalled_and_replaced(world: World) -> None:
+    """Unhealthy (it answers NOT_SERVING) is not proof of anything ensure may kill for: the old
+    broker is asked to drain with its default deadline (its turns keep running if the stall
+    passes; if the app-server really is wedged, the broker's own wedge rule ends it)."""
     old = world.ensure()
     status = world.client(old.endpoint).status()
     broker, fake = process(old.pid), process(status.app_server_pid)
@@ -130,14 +133,20 @@ def test_a_stopped_app_server_is_detected_force_drained_and_replaced(world: Worl
         health_watch_until(old.endpoint, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         new = world.ensure()
+        assert wait_exit(broker, 15), "the drained broker with nothing in flight did not stop by itself"
     finally:
         if fake.is_running():
             fake.send_signal(signal.SIGCONT)  # psutil re-checks the create time first
 
     assert new.verdict == "unhealthy", new
-    assert_replaced(world, old, new)
-    assert wait_exit(broker, 10), "the unhealthy broker is still running"
-    assert wait_exit(fake, 10), "the stopped app-server is still there"
+    assert new.pid != old.pid and not new.reused and serving(new)
+    record = world.record()
+    assert record is not None and record.instance_id == new.instance_id
+    drain = [line for line in Path(old.log_file).read_text().splitlines() if "drain started (unhealthy:" in line]
+    assert len(drain) == 1 and "deadline 3600 s" in drain[0], drain
+    assert "interrupting turns now" not in drain[0], "drained with force"
+    assert "stopped exit_code=" in Path(old.log_file).read_text(), "the broker did not stop by itself"
+    assert wait_exit(fake, 10), "the stopped app-server outlived its broker"
     entry = world.state().history()[-1]
     assert (entry.old_pid, entry.new_pid) == (old.pid, new.pid) and entry.reason.startswith("unhealthy:")
 

@@ -17,7 +17,7 @@ from lifecycle import identity
 from lifecycle.errors import SessionClosed, SpawnError
 
 CLIENT_ERROR_BOUND = 5.0  # the design says "within a second"; a generous margin for a loaded machine
-WAIT_FOR_REPLACEMENT = 15.0  # ensure: Status + Health probes, a forced drain, maybe a kill
+WAIT_FOR_REPLACEMENT = 15.0  # ensure's probes and Drain, then the drained broker's own wedge rule
 
 
 @pytest.fixture
@@ -101,6 +101,8 @@ def test_a_turn_follower_gets_session_closed_naming_the_exit_status_when_the_app
 
 def test_a_turn_follower_on_a_wedged_app_server_gets_session_closed_once_ensure_replaces_it(
         world: World) -> None:
+    """ensure drains the unhealthy broker without force and spawns a new one; the old broker's
+    own wedge rule (a draining broker whose app-server is wedged stops) ends the Session."""
     broker = world.ensure()
     broker_proc = process(broker.pid)
     turn = world.turn(broker.endpoint, "hang=1 deltas=5")

@@ -16,7 +16,7 @@ from conftest import error_lines, fake_command, new_marker, processes_with, run_
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lifecycle.client import BrokerClient
-from lifecycle.errors import ConnectError
+from lifecycle.errors import RpcFailed
 from protos import broker_pb2, broker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def test_tcp_client_with_the_token_gets_calls_sessions_and_status(tcp_broker):
             thread = session.request("thread/start", {})["thread"]["id"]
             turn = session.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "deltas=3"}]})
             assert session.follow_turn(thread, turn["turn"]["id"], timeout=30)["status"] == "completed"
-    with BrokerClient(endpoint) as client, pytest.raises(ConnectError, match="UNAUTHENTICATED"):
+    with BrokerClient(endpoint) as client, pytest.raises(RpcFailed, match="UNAUTHENTICATED"):
         client.status()
 
 
@@ -98,7 +98,7 @@ def test_cli_status_over_tcp_uses_the_token_file(tcp_broker, token_file):
     assert endpoint in ok.stdout
     refused = subprocess.run([*cli, "status", "--endpoint", endpoint], cwd=ROOT, capture_output=True, text=True,
                              timeout=60)
-    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert refused.returncode == 3 and "UNAUTHENTICATED" in refused.stderr, refused.stderr  # an RPC failure
 
 
 @pytest.mark.parametrize("case", ["no-token-file", "not-loopback", "unsafe-token-file", "short-token"])

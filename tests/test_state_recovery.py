@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -179,7 +180,7 @@ def test_record_naming_a_deleted_socket_is_wedged_killed_and_replaced(workspace,
     assert_replaced(workspace, old, new)
     assert new.verdict == "wedged", new
     found = [m for m in messages(lifecycle_log) if m.startswith("wedged:")]
-    assert found == ["wedged: Health unreachable or timed out (Status did not answer either)"], messages(lifecycle_log)
+    assert len(found) == 1 and re.fullmatch(r"wedged: no answer in [\d.]+ s over \d+ attempts", found[0]), found
     assert not identity.is_same_process(old.pid, record.create_time), "the unreachable broker is still running"
     assert not identity.is_same_process(record.app_server_pid, app_created), "its app-server is still running"
     assert not os.path.exists(record.session_dir), "its session directory was not removed"

@@ -202,7 +202,7 @@ class SessionClient(RpcClient):
     async def _read_loop(self) -> None:
         status = ("OK", "")
         try:
-            while (frame := await self._call.read()) is not grpc.aio.EOF:
+            while isinstance(frame := await self._call.read(), broker_pb2.ServerFrame):  # else grpc.aio.EOF
                 self.frames += 1
                 self.messages += len(frame.messages)
                 for text in frame.messages:
@@ -210,7 +210,7 @@ class SessionClient(RpcClient):
                 if self.read_delay:
                     await asyncio.sleep(self.read_delay)
         except grpc.RpcError as exc:
-            status = (exc.code().name, exc.details() or "")  # type: ignore[attr-defined]
+            status = (exc.code().name, exc.details() or "")
         finally:
             if not self.ended.done():
                 self.ended.set_result(status)

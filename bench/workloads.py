@@ -37,7 +37,7 @@ async def unary(client: Any, requests: int, warmup: int) -> dict[str, Any]:
 
 
 async def start_thread(client: Any) -> str:
-    return (await client.request("thread/start", {"cwd": "/tmp"}))["thread"]["id"]  # type: ignore[no-any-return]
+    return (await client.request("thread/start", {"cwd": "/tmp"}))["thread"]["id"]
 
 
 def turn_input(deltas: int, seconds: float = 0) -> list[dict[str, str]]:

@@ -164,7 +164,7 @@ class Session:
                     self._dispatch(_loads(text))
             self._fail(SessionClosed("the broker ended the Session"))
         except grpc.RpcError as exc:
-            self._fail(SessionClosed(f"the Session ended: {exc.code().name}: {exc.details()}"))  # type: ignore[attr-defined]
+            self._fail(SessionClosed(f"the Session ended: {exc.code().name}: {exc.details()}"))
         except Exception as exc:  # a message that is not JSON: the contract is broken
             self._fail(SessionClosed(f"the Session failed: {exc!r}"))
 
@@ -234,7 +234,7 @@ class Session:
         if isinstance(item, SessionClosed):
             self._events.put(item)  # every later waiter sees it too
             raise item
-        return item  # type: ignore[no-any-return]
+        return item
 
     def follow_turn(self, thread_id: str, turn_id: str | None = None, *, timeout: float | None = None,
                     on_message: Callable[[dict[str, Any]], None] | None = None,
@@ -258,7 +258,7 @@ class Session:
             elif msg.get("method") == "turn/completed" and params.get("threadId") == thread_id:
                 turn = params.get("turn") or {}
                 if turn_id is None or turn.get("id") == turn_id:
-                    return turn  # type: ignore[no-any-return]
+                    return turn
 
     def close(self) -> None:
         """Half-closes, then cancels the stream."""

@@ -328,13 +328,10 @@ class Hub:
             log.info("session %s: late or unknown answer to server request %s dropped", session.id,
                      bytes(message.id or b"null")[:40].decode())
             return
-        self._settle(jsonrpc.value(message.id), request)
         if message.problem is not None:
-            log.warning("session %s: answer to server request %s (%s) not relayed: %s; declined", session.id,
-                        jsonrpc.value(message.id), request.method, message.problem)
-            self._answer_app_server(request.app_id, jsonrpc.error(
-                jsonrpc.NO_CLIENT_ANSWERED, f"the client's answer could not be relayed: {message.problem}"))
+            self._decline(session, message, request, message.problem)
             return
+        self._settle(jsonrpc.value(message.id), request)
         if self.gone is None:
             members: dict[str, Any] = dict(message.members)
             members["id"] = request.app_id
@@ -345,9 +342,15 @@ class Hub:
         that request is settled with a decline, the client hears -32600."""
         request = self._asked(session, message)
         if request is not None and "method" not in message.members:
-            self._settle(jsonrpc.value(message.id), request)
-            self._answer_app_server(request.app_id, jsonrpc.error(
-                jsonrpc.NO_CLIENT_ANSWERED, "the client's answer could not be relayed: it has no result and no error"))
+            self._decline(session, message, request, "it has no result and no error")
+
+    def _decline(self, session: Session, message: ClientMessage, request: ServerRequest, why: str) -> None:
+        local_id = jsonrpc.value(message.id)
+        self._settle(local_id, request)
+        log.warning("session %s: answer to server request %s (%s) not relayed: %s; declined", session.id,
+                    local_id, request.method, why)
+        self._answer_app_server(request.app_id, jsonrpc.error(
+            jsonrpc.NO_CLIENT_ANSWERED, f"the client's answer could not be relayed: {why}"))
 
     def _answer_app_server(self, app_id: Any, error: dict[str, Any]) -> None:
         if self.gone is None:

@@ -96,11 +96,11 @@ def client_message(data: bytes) -> bytes | FrameError:
     """``ClientFrame.message`` as bytes, or why the frame cannot be read (never raises: it runs
     as gRPC's request deserializer, where an exception would end the Session without a word).
     The fast path relies on the usual frame being field 1 alone."""
-    if data[:1] == b"\x0a":
-        length, pos = (data[1], 2) if len(data) > 1 and data[1] < 0x80 else (-1, 0)
-        if length >= 0 and pos + length == len(data):
-            return data[pos:]
     try:
+        if data[:1] == b"\x0a":
+            length, pos = _varint(data, 1)
+            if pos + length == len(data):
+                return data[pos:]
         return read_fields(data).get(1, b"")
     except FrameError as exc:
         return exc

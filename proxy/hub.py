@@ -12,9 +12,9 @@ Session sees messages in exactly the order the app-server wrote them.
   answer wins, and when no one is left to answer the app-server hears an error.
 - In-flight work = requests awaiting a response + turns begun and not yet completed.
 
-Every client message comes in through ``receive`` (bytes as the client sent them): read by
-proxy/jsonrpc.py (a big one on a worker thread, so the loop keeps serving; the front end awaits
-each message before reading the next, which keeps a Session's order), then routed. Bad input
+Every client message comes in through ``receive`` (bytes as the client sent them), in the
+order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
+per value, so a big message holds the loop briefly), then routed. Bad input
 gets a JSON-RPC error on its Session; nothing a client sends reaches the app-server as it was
 written, only as the envelope the broker re-encoded (``_send_line`` is the one door, and it
 refuses a line with a newline inside). Messages the proxy relays keep their ids' and values'
@@ -47,8 +47,25 @@ log = logging.getLogger("codex_broker.proxy")
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
 _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
-# An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole.
+# An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
+# a client message this big is routed in a turn of the loop after the one that read it.
 LARGE_LINE = 1 << 20
+YIELD_SECONDS = 0.001
+
+
+# What a result hands its requester: thread ids to follow, the review thread, the turn id.
+Facts = tuple[list[str], str | None, str | None]
+NO_FACTS: Facts = ([], None, None)
+
+
+def _result_facts(result: Any) -> Facts:
+    """``jsonrpc.result_ids`` of a decoded result."""
+    if not isinstance(result, dict):
+        return NO_FACTS
+    turn = result.get("turn")
+    review = result.get("reviewThreadId")
+    return (jsonrpc.thread_ids_in_result(result), review if isinstance(review, str) else None,
+            turn.get("id") if isinstance(turn, dict) and isinstance(turn.get("id"), str) else None)
 
 
 class AppServerGone(Exception):
@@ -96,6 +113,7 @@ class Hub:
         self.turns: dict[tuple[str, str], Turn] = {}
         self.server_requests: dict[int, ServerRequest] = {}
         self._pending_work = 0
+        self._big_message = asyncio.Lock()
         self.init_result: Any = None
         self.draining = False
         self.stopping = False  # the broker decided to stop: nothing new goes to the app-server
@@ -229,9 +247,19 @@ class Hub:
 
     # -- from a client -------------------------------------------------------------------
     async def receive(self, session: Session, data: bytes) -> None:
-        """Decode-and-route one client message, bytes as the client sent them. Bad input gets
-        its JSON-RPC error on the Session; an exception out of here is the broker's own fault."""
-        self.route(session, await jsonrpc.read(data))
+        """Decode-and-route one client message, bytes as the client sent them (the front end
+        awaits each before reading the next: a Session's order is kept). Bad input gets its
+        JSON-RPC error on the Session; an exception out of here is the broker's own fault. A
+        big message is read, then routed in a later turn of the loop, one big message at a time,
+        so that what arrived meanwhile (health checks, other Sessions' messages) is served in
+        between."""
+        if len(data) < LARGE_LINE:
+            self.route(session, jsonrpc.read_client_message(data))
+            return
+        async with self._big_message:  # one at a time: two Sessions' big messages do not stack up
+            message = jsonrpc.read_client_message(data)
+            await asyncio.sleep(YIELD_SECONDS)  # a timer: the loop polls for I/O before it fires
+            self.route(session, message)
 
     def refuse(self, session: Session, refusal: Refusal) -> None:
         """A message the front end could not even take apart: its error, with a null id."""
@@ -424,12 +452,7 @@ class Hub:
                 turn_id = turn.get("id") if isinstance(turn, dict) else None
                 self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line)
         elif "id" in msg and ("result" in msg or "error" in msg):
-            result = msg.get("result")
-            turn = result.get("turn") if isinstance(result, dict) else None
-            review = result.get("reviewThreadId") if isinstance(result, dict) else None
-            facts = (jsonrpc.thread_ids_in_result(result), review if isinstance(review, str) else None,
-                     turn.get("id") if isinstance(turn, dict) and isinstance(turn.get("id"), str) else None)
-            self._response_line(line, None, msg["id"], facts)
+            self._response_line(line, None, msg["id"], lambda: _result_facts(msg.get("result")))
         else:
             self._bad_line(line, "neither a request, a response nor a notification")
 
@@ -437,7 +460,7 @@ class Hub:
         """A big line, or one orjson refused: only its routing fields are decoded (C passes
         over the text, no object per value), so a many-MB result costs the loop little."""
         try:
-            members = jsonrpc.envelope(line, compact=False, check_depth=False)
+            members = jsonrpc.envelope(line, check_depth=False)
         except jsonrpc.InvalidMessage:
             self._bad_line(line, "not a JSON object")
             return
@@ -455,7 +478,8 @@ class Hub:
         elif "id" in members and ("result" in members or "error" in members):
             raw_id = members["id"]
             proxy_id = jsonrpc.value(raw_id) if jsonrpc.request_id(raw_id) is not None else None
-            self._response_line(line, members, proxy_id, jsonrpc.result_ids(members.get("result")))
+            result = members.get("result")
+            self._response_line(line, members, proxy_id, lambda: jsonrpc.result_ids(result))
         else:
             self._bad_line(line, "neither a request, a response nor a notification")
 
@@ -471,23 +495,22 @@ class Hub:
             return
         if isinstance(salvaged, dict) and "method" not in salvaged and isinstance(salvaged.get("id"), int):
             error = jsonrpc.error(jsonrpc.INTERNAL_ERROR, f"the app-server sent an invalid response: {why}")
-            self._response(salvaged["id"], {"id": salvaged["id"], "error": error}, ([], None, None))
+            self._response(salvaged["id"], {"id": salvaged["id"], "error": error}, lambda: NO_FACTS)
 
     def _response_line(self, line: bytes, members: jsonrpc.Members | None, proxy_id: Any,
-                       facts: tuple[list[str], str | None, str | None]) -> None:
+                       facts: Callable[[], Facts]) -> None:
         if members is None:
             try:
-                members = jsonrpc.envelope(line, compact=False, check_depth=False)
+                members = jsonrpc.envelope(line, check_depth=False)
             except ValueError as exc:
                 self._bad_line(line, f"not relayable ({exc})")
                 return
         self._response(proxy_id, members, facts)
 
-    def _response(self, proxy_id: Any, msg: dict[str, Any],
-                  facts: tuple[list[str], str | None, str | None]) -> None:
+    def _response(self, proxy_id: Any, msg: dict[str, Any], facts: Callable[[], Facts]) -> None:
         """A response to a request of the proxy's: ``msg`` its members (JSON text, or the
-        proxy's own decoded error), ``facts`` what its result hands over (thread ids, review
-        thread, turn id)."""
+        proxy's own decoded error), ``facts`` what its result hands over, read only when the
+        requester needs it (a big result costs a pass)."""
         self.last_response = time.monotonic()
         pending = self.pending.pop(proxy_id, None) if type(proxy_id) is int else None
         if pending is None:
@@ -501,23 +524,24 @@ class Hub:
             assert pending.future is not None
             if not pending.future.done():
                 pending.future.set_result(msg)
-            if "result" in msg:
-                self._note_turn_start(pending, facts, None)
+            if "result" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS:
+                self._note_turn_start(pending, facts(), None)
         elif pending.kind == SESSION:
             self._session_response(pending, proxy_id, msg, facts)
         self._on_change()
 
     def _session_response(self, pending: Pending, proxy_id: int, msg: dict[str, Any],
-                          facts: tuple[list[str], str | None, str | None]) -> None:
+                          facts: Callable[[], Facts]) -> None:
         session = pending.session
         assert session is not None
         session.pending.discard(proxy_id)
         if "error" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS and pending.thread_id:
             self._unannounce(session, pending.thread_id)
         if "result" in msg:
-            for thread_id in facts[0]:
+            handed = facts()
+            for thread_id in handed[0]:
                 self._subscribe(session, thread_id)
-            self._note_turn_start(pending, facts, session)
+            self._note_turn_start(pending, handed, session)
         if session.open:
             relayed = dict(msg)
             relayed["id"] = pending.client_id
@@ -529,8 +553,7 @@ class Hub:
         if session.starting[thread_id] <= 0:
             del session.starting[thread_id]
 
-    def _note_turn_start(self, pending: Pending, facts: tuple[list[str], str | None, str | None],
-                         owner: Session | None) -> None:
+    def _note_turn_start(self, pending: Pending, facts: Facts, owner: Session | None) -> None:
         """A successful turn-starting response with a turn id begins that turn."""
         _, review_thread, turn_id = facts
         if pending.method not in jsonrpc.TURN_STARTING_METHODS or turn_id is None:
@@ -586,7 +609,7 @@ class Hub:
                         thread_id: str | None) -> None:
         if members is None:
             try:
-                members = jsonrpc.envelope(line, compact=False, check_depth=False)
+                members = jsonrpc.envelope(line, check_depth=False)
             except ValueError as exc:
                 self._bad_line(line, f"not relayable ({exc})")
                 return

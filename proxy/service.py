@@ -169,7 +169,7 @@ class AppServerService(broker_pb2_grpc.AppServerServicer):
             return _reply_error(jsonrpc.INVALID_REQUEST, "Invalid request: method is not UTF-8")
         if not method:
             return _reply_error(jsonrpc.INVALID_REQUEST, "Invalid request: method is required")
-        params = await jsonrpc.read_call_params(params_json)
+        params = jsonrpc.read_params(params_json)
         if isinstance(params, jsonrpc.Refusal):
             return _reply_from({"error": params.error})
         return _reply_from(await broker.hub.call(method, params))

@@ -126,6 +126,10 @@ Options
                          app-server that never notices its parent went away.
   --lenient-initialize   no "Not initialized" / "Already initialized" checks.
   --strict-initialize    the default; accepted for compatibility.
+  --raw-big-lines        a request line over 1 MiB is answered without being parsed, so that
+                         the fake's own loop is not busy for seconds (codex reads on its own
+                         threads): fake/echo gets {"params": <its params' text as written>},
+                         any other method {}. The line must be compact, id and method first.
   --codex-parser         read stdin as codex does: a line nested deeper than 127 levels (serde_json
                          stops at 128), and a response codex cannot parse (both result and error;
                          neither; an error that is not {code: 64-bit integer, message: string}),
@@ -149,6 +153,9 @@ IGNORE_EOF = "--ignore-stdin-eof" in ARGS or os.environ.get("FAKE_IGNORE_EOF") =
 STRICT_INIT = "--lenient-initialize" not in ARGS and os.environ.get("FAKE_STRICT_INIT") != "0"
 FLUSH_SECONDS = 5.0  # bound on flushing stdout before a crash, exit or hang
 CODEX_PARSER = "--codex-parser" in ARGS
+RAW_BIG_LINES = "--raw-big-lines" in ARGS
+BIG_LINE = 1 << 20
+_BIG_REQUEST = re.compile(rb'\{"id":(-?\d+|"[^"]*"),"method":"([^"]*)","params":')
 CODEX_MAX_DEPTH = 127
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -706,6 +713,14 @@ async def serve():
                 log.flush()
             if server.wedged:
                 return
+            if RAW_BIG_LINES and len(line) > BIG_LINE and (big := _BIG_REQUEST.match(line)):
+                view = memoryview(line)
+                end = len(line) - (2 if line.endswith(b"\n") else 1)  # the params' text, the closing } aside
+                params = view[big.end():end] if big.group(2) == b"fake/echo" else None
+                result = [b'{"params":', params, b"}"] if params is not None else [b"{}"]
+                server.write(b"".join([b'{"id":', view[big.start(1):big.end(1)], b',"result":', *result, b"}\n"]))
+                await writer.drain()
+                continue
             if not line.strip():
                 continue
             if CODEX_PARSER and _depth(line) > CODEX_MAX_DEPTH:

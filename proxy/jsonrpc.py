@@ -331,12 +331,15 @@ def encode(members: Mapping[str, Any]) -> bytes:
     return _encode_members(members)
 
 
-def _first(raw: msgspec.Raw) -> bytes:
-    """The first byte of a member's text (which kind of JSON value it is)."""
-    return memoryview(raw)[:1].tobytes()
+def _first(raw: msgspec.Raw) -> int:
+    """The first byte of a member's text (which kind of JSON value it is); -1 if empty."""
+    return memoryview(raw)[0] if len(raw) else -1
 
 
-_ID_STARTS = frozenset((b'"', b"-", *(bytes((d,)) for d in b"0123456789")))
+_QUOTE, _BRACE = ord('"'), ord("{")
+_ID_STARTS = frozenset(b'"-0123456789')
+_STR = msgspec.json.Decoder(str)
+_ID = msgspec.json.Decoder(str | int)  # integers of any width
 
 
 def value(raw: msgspec.Raw | None) -> Any:
@@ -348,10 +351,10 @@ def value(raw: msgspec.Raw | None) -> Any:
 
 def text(raw: msgspec.Raw | None) -> str | None:
     """A member's value if it is a JSON string, else None."""
-    if raw is None or _first(raw) != b'"':
+    if raw is None or _first(raw) != _QUOTE:
         return None
     try:
-        return msgspec.json.decode(raw, type=str)
+        return _STR.decode(raw)
     except msgspec.MsgspecError:
         return None
 
@@ -361,15 +364,15 @@ def request_id(raw: msgspec.Raw | None) -> msgspec.Raw | None:
     if raw is None or _first(raw) not in _ID_STARTS:
         return None
     try:
-        decoded = value(raw)
-    except DecodeError:  # an integer too long for Python's int() (over 4300 digits)
+        _ID.decode(raw)
+    except (msgspec.MsgspecError, ValueError):  # a float; an integer over Python's 4300 digits
         return None
-    return raw if is_request_id(decoded) else None
+    return raw
 
 
 def params_thread_and_turn(raw: msgspec.Raw | None) -> tuple[str | None, str | None]:
     """``params.threadId`` and ``params.turn.id``, when they are non-empty strings."""
-    if raw is None or _first(raw) != b"{":
+    if raw is None or _first(raw) != _BRACE:
         return None, None
     try:
         params = _PARAMS.decode(raw)
@@ -379,7 +382,7 @@ def params_thread_and_turn(raw: msgspec.Raw | None) -> tuple[str | None, str | N
 
 
 def _id_text(raw: msgspec.Raw) -> str | None:
-    if _first(raw) != b"{":
+    if _first(raw) != _BRACE:
         return None
     try:
         return text(_WITH_ID.decode(raw).id)
@@ -390,7 +393,7 @@ def _id_text(raw: msgspec.Raw) -> str | None:
 def result_ids(raw: msgspec.Raw | None) -> tuple[list[str], str | None, str | None]:
     """What a result tells routing: the thread ids it hands over (thread.id, threadId,
     reviewThreadId), its ``reviewThreadId``, and its ``turn.id``."""
-    if raw is None or _first(raw) != b"{":
+    if raw is None or _first(raw) != _BRACE:
         return [], None, None
     try:
         result = _RESULT.decode(raw)

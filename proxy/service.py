@@ -34,7 +34,7 @@ STATUS_OF: dict[EndReason, grpc.StatusCode | None] = {
     EndReason.OK: None,
     EndReason.SLOW_CLIENT: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EndReason.APP_SERVER_GONE: grpc.StatusCode.UNAVAILABLE,
-    EndReason.STOPPING: grpc.StatusCode.UNAVAILABLE,
+    EndReason.STOPPING: grpc.StatusCode.UNAVAILABLE,  # also a Session opened on a broker that drains
     EndReason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _INT64 = range(-(2**63), 2**63)
@@ -102,8 +102,9 @@ class AppServerService(broker_pb2_grpc.AppServerServicer):
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         broker = self.broker
         if not broker.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"broker is {broker.state_name.lower()}: open a Session on a new broker")
+            refused = STATUS_OF[EndReason.STOPPING]
+            assert refused is not None
+            await context.abort(refused, f"broker is {broker.state_name.lower()}: open a Session on a new broker")
         hub = broker.hub
         session = hub.open_session()
         session.handler = asyncio.current_task()

@@ -1,9 +1,10 @@
 """One client Session: its subscriptions and pending work, and its bounded outgoing buffer.
 
 Everything the hub sends to a Session goes through ``push`` in app-server order; its front end
-drains the buffer in batches (``next_batch``; the gRPC handler: many messages per ServerFrame), which is what keeps a
-delta-heavy turn cheap. A Session whose backlog passes its limit is dropped at that moment:
-its buffer is freed and its handler is told to end (SLOW_CLIENT).
+drains the buffer in batches (``next_batch``; the gRPC handler sends many messages per
+ServerFrame), which is what keeps a delta-heavy turn cheap. A Session whose backlog passes its
+limit is dropped at that moment: its buffer is freed and its handler is told to end
+(SLOW_CLIENT).
 
 Nothing here knows the transport: a Session ends with an ``Ending`` (a reason and details),
 which each front end turns into its own terms (service.py: a gRPC status)."""

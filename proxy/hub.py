@@ -349,21 +349,31 @@ class Hub:
 
     def _client_answer(self, session: Session, message: ClientMessage) -> None:
         """The first answer to a server request settles it: relayed under the app-server's id
-        when it is a valid JSON-RPC answer, else the app-server hears a decline (-32000) so
-        that nothing waits for an answer that will never be readable."""
+        when it is a valid JSON-RPC answer the broker can encode as one line, else the
+        app-server hears a decline (-32000), so that nothing waits for an answer that will
+        never be readable."""
         request = self._asked(session, message)
         if request is None:
             log.info("session %s: late or unknown answer to server request %s dropped", session.id,
                      bytes(message.id or b"null")[:40].decode())
             return
-        if message.problem is not None:
-            self._decline(session, message, request, message.problem)
+        why = message.problem
+        line = b""
+        if why is None:
+            members: dict[str, Any] = dict(message.members)
+            members["id"] = request.app_id
+            try:
+                line = jsonrpc.encode(members)
+            except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+                why = f"it could not be encoded ({exc})"
+            else:
+                why = "it spans lines" if b"\n" in line else None
+        if why is not None:
+            self._decline(session, message, request, why)
             return
         self._settle(jsonrpc.value(message.id), request)
         if self.gone is None:
-            members: dict[str, Any] = dict(message.members)
-            members["id"] = request.app_id
-            self._send_line(jsonrpc.encode(members))
+            self._send_line(line)
 
     def _settle_if_asked(self, session: Session, message: ClientMessage) -> None:
         """An invalid message under the id of a server request it was asked (``{"id": 3}``):

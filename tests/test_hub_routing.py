@@ -166,3 +166,22 @@ def test_a_big_server_request_is_relayed_and_the_answer_goes_back_under_the_app_
     answer = b'{"id": ' + str(asked["id"]).encode() + b',\n "result": {"answers": {"q1": 1.00000000000000000001}}}'
     h.hub.route(s, jsonrpc.read_client_message(answer))  # pretty-printed, as a client may write it
     assert h.raw_sent[-1] == b'{"id":' + app_id.encode() + b',"result":{"answers":{"q1":1.00000000000000000001}}}'
+
+
+def test_an_answer_that_fails_to_encode_settles_the_server_request_with_a_decline(monkeypatch):
+    h = Harness()
+    s = h.session_on("thr-enc")
+    h.hub.from_app_server_lines([b'{"id":41,"method":"item/tool/requestUserInput","params":{"threadId":"thr-enc"}}'])
+    (asked,) = drain(s)
+    encode = jsonrpc.encode
+
+    def failing(members: Any) -> bytes:
+        if "result" in members:
+            raise TypeError("cannot encode this answer")
+        return encode(members)
+
+    monkeypatch.setattr(jsonrpc, "encode", failing)
+    h.from_client(s, {"id": asked["id"], "result": {"answers": {}}})
+    assert h.sent[-1] == {"id": 41, "error": {"code": -32000, "message": (
+        "the client's answer could not be relayed: it could not be encoded (cannot encode this answer)")}}
+    assert not h.hub.server_requests and not s.server_requests

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 from fault_support import CHANNEL_OPTIONS, ROOT, RawSession, ServedBroker, fake_command, new_marker, short_dir
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy.broker import Broker
@@ -302,9 +303,13 @@ async def broker_in_process() -> AsyncIterator[tuple[Broker, str]]:
     broker = Broker(config)
     running = asyncio.create_task(broker.run())
     try:
-        while broker.state_name != "SERVING":
-            assert not running.done(), running.result()
-            await asyncio.sleep(0.02)  # no event tells when run() has started serving
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                               wait_for_ready=True, timeout=30)
+            async for reply in watch:  # waits for the socket, then for SERVING
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            watch.cancel()
         yield broker, f"unix:{sock}"
     finally:
         broker.stop(0)

@@ -248,7 +248,11 @@ class AppServerProcess:
     def send(self, line: bytes) -> None:
         if self._stdin is None or self.stdin_closed:
             raise BrokenPipeError("app-server stdin is closed")
-        self._stdin.write(line + b"\n")
+        if len(line) < 1 << 16:
+            self._stdin.write(line + b"\n")
+        else:  # a big message: no copy of it just to add the newline
+            self._stdin.write(line)
+            self._stdin.write(b"\n")
 
     # -- state ---------------------------------------------------------------------------
     @property

@@ -11,7 +11,18 @@ Session sees messages in exactly the order the app-server wrote them.
 - Server->client requests go to the thread's subscribers under one broker-local id; the first
   answer wins, and when no one is left to answer the app-server hears an error.
 - In-flight work = requests awaiting a response + turns begun and not yet completed.
-"""
+
+Every client message comes in through ``receive`` (bytes as the client sent them), in the
+order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
+per value, so a big message holds the loop briefly), then routed. Bad input
+gets a JSON-RPC error on its Session; nothing a client sends reaches the app-server as it was
+written, only as the envelope the broker re-encoded (``_send_line`` is the one door, and it
+refuses a line with a newline inside). Messages the proxy relays keep their ids' and values'
+JSON text exactly (see jsonrpc's envelopes). An exception out of ``route`` is a fault of the
+broker's own: the front end ends the Session with ``EndReason.INTERNAL``.
+
+The hub knows no transport: a Session ends with a reason (proxy/session.py), which each front
+end maps to its own terms (service.py: gRPC statuses)."""
 from __future__ import annotations
 
 import asyncio
@@ -23,12 +34,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
+import msgspec
 from orjson import loads as _orjson_loads
 
 from proxy import jsonrpc
-from proxy.jsonrpc import dumps, error_response, thread_id_of
-from proxy.session import Ending, Session
+from proxy.jsonrpc import ClientMessage, Kind, Refusal, dumps, error_response, thread_id_of
+from proxy.session import Ending, EndReason, Session
 
 log = logging.getLogger("codex_broker.proxy")
 
@@ -36,6 +47,25 @@ log = logging.getLogger("codex_broker.proxy")
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
 _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
+# An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
+# a client message this big is routed in a turn of the loop after the one that read it.
+LARGE_LINE = 1 << 20
+YIELD_SECONDS = 0.001
+
+
+# What a result hands its requester: thread ids to follow, the review thread, the turn id.
+Facts = tuple[list[str], str | None, str | None]
+NO_FACTS: Facts = ([], None, None)
+
+
+def _result_facts(result: Any) -> Facts:
+    """``jsonrpc.result_ids`` of a decoded result."""
+    if not isinstance(result, dict):
+        return NO_FACTS
+    turn = result.get("turn")
+    review = result.get("reviewThreadId")
+    return (jsonrpc.thread_ids_in_result(result), review if isinstance(review, str) else None,
+            turn.get("id") if isinstance(turn, dict) and isinstance(turn.get("id"), str) else None)
 
 
 class AppServerGone(Exception):
@@ -48,7 +78,7 @@ class Pending:
     method: str
     sent_at: float  # monotonic
     session: Session | None = None
-    client_id: Any = None
+    client_id: msgspec.Raw | None = None  # the client's id, as it wrote it
     thread_id: str | None = None
     future: asyncio.Future[dict[str, Any]] | None = None
 
@@ -63,7 +93,7 @@ class Turn:
 
 @dataclass(eq=False)
 class ServerRequest:
-    app_id: Any  # the app-server's own id
+    app_id: Any  # the app-server's own id, as it wrote it (msgspec.Raw)
     method: str
     targets: set[Session] = field(default_factory=set)
 
@@ -71,7 +101,7 @@ class ServerRequest:
 class Hub:
     def __init__(self, *, send: Callable[[bytes], None], stdin_backlog: Callable[[], int],
                  session_buffer_bytes: int, on_change: Callable[[], None]):
-        self._send_line = send
+        self._send = send
         self._stdin_backlog = stdin_backlog
         self._session_buffer_bytes = session_buffer_bytes
         self._on_change = on_change  # in-flight work or Sessions changed
@@ -83,6 +113,7 @@ class Hub:
         self.turns: dict[tuple[str, str], Turn] = {}
         self.server_requests: dict[int, ServerRequest] = {}
         self._pending_work = 0
+        self._big_message = asyncio.Lock()
         self.init_result: Any = None
         self.draining = False
         self.stopping = False  # the broker decided to stop: nothing new goes to the app-server
@@ -110,8 +141,15 @@ class Hub:
         return None
 
     # -- sending to the app-server -------------------------------------------------------
+    def _send_line(self, line: bytes) -> None:
+        """The one door to the app-server's stdin: one message the broker encoded, one line."""
+        if b"\n" in line:
+            raise AssertionError("refusing to write a line with a newline inside to the app-server")
+        self._send(line)
+
     def request(self, kind: str, method: str, params: Any, **fields: Any) -> int:
-        """Sends a request under a fresh proxy id and records it; returns the id."""
+        """Sends a request under a fresh proxy id and records it; returns the id. ``params``:
+        decoded values or JSON text (msgspec.Raw)."""
         msg = {"id": 0, "method": method, "params": params if params is not None else {}}
         return self._send_request(msg, Pending(kind, method, time.monotonic(), **fields))
 
@@ -120,7 +158,7 @@ class Hub:
             raise AppServerGone(self.gone)
         proxy_id = next(self._ids)
         msg["id"] = proxy_id
-        self._send_line(dumps(msg))
+        self._send_line(jsonrpc.encode(msg))
         self.pending[proxy_id] = pending
         if pending.kind in (SESSION, CALL):
             self._pending_work += 1
@@ -130,7 +168,8 @@ class Hub:
         return self._stdin_backlog() > STDIN_BUFFER_LIMIT
 
     async def call(self, method: str, params: Any) -> dict[str, Any]:
-        """One request outside any Session; returns the app-server's response message."""
+        """One request outside any Session; returns the app-server's response message (its
+        members as JSON text, msgspec.Raw) or the proxy's own error (decoded values)."""
         if method == "initialize":
             return {"id": None, "result": self.init_result}
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
@@ -155,7 +194,7 @@ class Hub:
     def _overflow(self, session: Session) -> None:
         log.warning("session %s dropped: outgoing buffer over %d bytes (client not reading)",
                     session.id, session.limit_bytes)
-        session.end(Ending(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        session.end(Ending(EndReason.SLOW_CLIENT,
                            f"Server overloaded; retry later. (this Session fell more than "
                            f"{session.limit_bytes} bytes behind and was dropped)", flush=False))
         self.close_session(session)
@@ -207,45 +246,57 @@ class Hub:
             self.threads.setdefault(thread_id, set()).add(session)
 
     # -- from a client -------------------------------------------------------------------
-    def from_client(self, session: Session, text: str) -> None:
-        try:
-            msg = jsonrpc.loads(text)
-        except jsonrpc.DecodeError as exc:
-            session.push(error_response(None, jsonrpc.error(jsonrpc.PARSE_ERROR, f"Parse error: {exc}")))
+    async def receive(self, session: Session, data: bytes) -> None:
+        """Decode-and-route one client message, bytes as the client sent them (the front end
+        awaits each before reading the next: a Session's order is kept). Bad input gets its
+        JSON-RPC error on the Session; an exception out of here is the broker's own fault. A
+        big message is read, then routed in a later turn of the loop, one big message at a time,
+        so that what arrived meanwhile (health checks, other Sessions' messages) is served in
+        between."""
+        if len(data) < LARGE_LINE:
+            self.route(session, jsonrpc.read_client_message(data))
             return
-        if not isinstance(msg, dict):
-            kind = "a batch (array)" if isinstance(msg, list) else type(msg).__name__
-            session.push(error_response(None, jsonrpc.error(
-                jsonrpc.INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")))
-            return
-        method = msg.get("method")
-        if method is None and "id" in msg and ("result" in msg or "error" in msg):
-            self._client_response(session, msg)
-        elif not isinstance(method, str) or not method:
-            req_id = msg.get("id") if jsonrpc.is_request_id(msg.get("id")) else None
-            session.push(error_response(req_id, jsonrpc.error(
-                jsonrpc.INVALID_REQUEST, "Invalid request: missing or non-string method")))
-        elif "id" not in msg:
-            self._client_notification(session, method, text)
-        elif not jsonrpc.is_request_id(msg["id"]):
-            session.push(error_response(None, jsonrpc.error(
-                jsonrpc.INVALID_REQUEST, "Invalid request: id must be a string or an integer")))
-        else:
-            self._client_request(session, msg, method)
+        async with self._big_message:  # one at a time: two Sessions' big messages do not stack up
+            message = jsonrpc.read_client_message(data)
+            await asyncio.sleep(YIELD_SECONDS)  # a timer: the loop polls for I/O before it fires
+            self.route(session, message)
 
-    def _client_notification(self, session: Session, method: str, text: str) -> None:
-        if method == "initialized":
+    def refuse(self, session: Session, refusal: Refusal) -> None:
+        """A message the front end could not even take apart: its error, with a null id."""
+        if session.open:
+            session.push(error_response(None, refusal.error))
+
+    def route(self, session: Session, message: ClientMessage | Refusal) -> None:
+        """Routes one client message, read (jsonrpc.read). A Session that has ended routes
+        nothing more: what it sends could not be answered."""
+        if not session.open:
+            return
+        if isinstance(message, Refusal):
+            self.refuse(session, message)
+        elif message.kind is Kind.REQUEST:
+            self._client_request(session, message)
+        elif message.kind is Kind.NOTIFICATION:
+            self._client_notification(message)
+        elif message.kind is Kind.ANSWER:
+            self._client_answer(session, message)
+        else:
+            self._settle_if_asked(session, message)
+            session.push(error_response(message.id, jsonrpc.error(jsonrpc.INVALID_REQUEST, message.problem or "")))
+
+    def _client_notification(self, message: ClientMessage) -> None:
+        if message.method == "initialized":
             return  # the broker initialized the app-server once, at start
         if self.gone is None:
-            self._send_line(text.encode())
+            self._send_line(jsonrpc.encode(message.members))
 
-    def _client_request(self, session: Session, msg: dict[str, Any], method: str) -> None:
-        client_id = msg["id"]
-        params = msg.get("params")
+    def _client_request(self, session: Session, message: ClientMessage) -> None:
+        method = message.method
+        assert method is not None and message.id is not None
+        client_id = message.id
         if method == "initialize":
-            self._initialize(session, client_id, params)
+            self._initialize(session, client_id, message.members.get("params"))
             return
-        thread_id = thread_id_of(params)
+        thread_id = message.thread_id
         if thread_id is not None:
             self._subscribe(session, thread_id)  # even if the request fails
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
@@ -259,7 +310,7 @@ class Hub:
         pending = Pending(SESSION, method, time.monotonic(), session=session, client_id=client_id,
                           thread_id=thread_id)
         try:
-            proxy_id = self._send_request(msg, pending)
+            proxy_id = self._send_request(dict[str, Any](message.members), pending)
         except AppServerGone as exc:
             session.push(error_response(client_id, jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))))
             return
@@ -268,11 +319,12 @@ class Hub:
             session.starting[thread_id] += 1
         self._on_change()
 
-    def _initialize(self, session: Session, client_id: Any, params: Any) -> None:
+    def _initialize(self, session: Session, client_id: msgspec.Raw, params_raw: msgspec.Raw | None) -> None:
         if session.initialized:
             session.push(error_response(client_id, jsonrpc.ALREADY_INITIALIZED_ERROR))
             return
         session.initialized = True
+        params = jsonrpc.loads_for_routing(bytes(params_raw)) if params_raw else None
         if isinstance(params, dict):
             info = params.get("clientInfo")
             if isinstance(info, dict) and isinstance(info.get("name"), str):
@@ -282,18 +334,61 @@ class Hub:
                 session.opt_out = frozenset(m for m in caps["optOutNotificationMethods"] if isinstance(m, str))
         session.push(dumps({"id": client_id, "result": self.init_result}))
 
-    def _client_response(self, session: Session, msg: dict[str, Any]) -> None:
-        local_id = msg["id"]
-        request = self.server_requests.get(local_id) if jsonrpc.is_request_id(local_id) else None
-        if request is None or session not in request.targets:
-            log.info("session %s: late or unknown answer to server request %r dropped", session.id, local_id)
-            return
+    def _asked(self, session: Session, message: ClientMessage) -> ServerRequest | None:
+        """The server request this message answers, if it was sent to this Session."""
+        if message.id is None:
+            return None
+        local_id = jsonrpc.value(message.id)
+        request = self.server_requests.get(local_id) if type(local_id) is int else None
+        return request if request is not None and session in request.targets else None
+
+    def _settle(self, local_id: int, request: ServerRequest) -> None:
         del self.server_requests[local_id]
         for target in request.targets:
             target.server_requests.discard(local_id)
-        msg["id"] = request.app_id
+
+    def _client_answer(self, session: Session, message: ClientMessage) -> None:
+        """The first answer to a server request settles it: relayed under the app-server's id
+        when it is a valid JSON-RPC answer the broker can encode as one line, else the
+        app-server hears a decline (-32000), so that nothing waits for an answer that will
+        never be readable."""
+        request = self._asked(session, message)
+        if request is None:
+            log.info("session %s: late or unknown answer to server request %s dropped", session.id,
+                     bytes(message.id or b"null")[:40].decode())
+            return
+        why = message.problem
+        line = b""
+        if why is None:
+            members: dict[str, Any] = dict(message.members)
+            members["id"] = request.app_id
+            try:
+                line = jsonrpc.encode(members)
+            except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+                why = f"it could not be encoded ({exc})"
+            else:
+                why = "it spans lines" if b"\n" in line else None
+        if why is not None:
+            self._decline(session, message, request, why)
+            return
+        self._settle(jsonrpc.value(message.id), request)
         if self.gone is None:
-            self._send_line(dumps(msg))
+            self._send_line(line)
+
+    def _settle_if_asked(self, session: Session, message: ClientMessage) -> None:
+        """An invalid message under the id of a server request it was asked (``{"id": 3}``):
+        that request is settled with a decline, the client hears -32600."""
+        request = self._asked(session, message)
+        if request is not None and "method" not in message.members:
+            self._decline(session, message, request, "it has no result and no error")
+
+    def _decline(self, session: Session, message: ClientMessage, request: ServerRequest, why: str) -> None:
+        local_id = jsonrpc.value(message.id)
+        self._settle(local_id, request)
+        log.warning("session %s: answer to server request %s (%s) not relayed: %s; declined", session.id,
+                    local_id, request.method, why)
+        self._answer_app_server(request.app_id, jsonrpc.error(
+            jsonrpc.NO_CLIENT_ANSWERED, f"the client's answer could not be relayed: {why}"))
 
     def _answer_app_server(self, app_id: Any, error: dict[str, Any]) -> None:
         if self.gone is None:
@@ -306,6 +401,9 @@ class Hub:
         naming a thread that one Session follows, is routed here inline, and consecutive ones
         for the same Session are queued together; everything else goes through ``_route``
         after those are queued, so each Session still gets its messages in order."""
+        if len(lines) == 1 and len(lines[0]) >= LARGE_LINE:  # a line only comes alone that big
+            self._route_envelope(lines[0])
+            return
         loads = _orjson_loads
         threads = self.threads
         run_session: Session | None = None
@@ -345,44 +443,86 @@ class Hub:
             run_session.push_many(run)  # type: ignore[union-attr]
 
     def from_app_server(self, line: bytes) -> None:
-        try:
-            msg = jsonrpc.loads_for_routing(line)  # notifications are passed on as the raw line
-        except jsonrpc.DecodeError as exc:
-            self._bad_line(line, f"not JSON ({exc})")
-            return
-        self._route(line, msg)
+        """A line orjson did not decode: routed from its envelope, or skipped as bad."""
+        self._route_envelope(line)
 
     def _route(self, line: bytes, msg: Any) -> None:
+        """A line orjson decoded (``msg``: its numbers may be rounded; it is read for routing
+        only, what is relayed is the line's own text)."""
         if not isinstance(msg, dict):
             self._bad_line(line, "not a JSON object")
             return
         method = msg.get("method")
+        params = msg.get("params")
         if isinstance(method, str):
             if "id" in msg:
-                self._server_request(jsonrpc.exact(line, msg), method)
+                self._server_request(line, None, method, thread_id_of(params))
             else:
-                self._notification(msg, method, line)
+                turn = params.get("turn") if method in _TRACKED_NOTIFICATIONS and type(params) is dict else None
+                turn_id = turn.get("id") if isinstance(turn, dict) else None
+                self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line)
         elif "id" in msg and ("result" in msg or "error" in msg):
-            self._response(jsonrpc.exact(line, msg))
+            self._response_line(line, None, msg["id"], lambda: _result_facts(msg.get("result")))
+        else:
+            self._bad_line(line, "neither a request, a response nor a notification")
+
+    def _route_envelope(self, line: bytes) -> None:
+        """A big line, or one orjson refused: only its routing fields are decoded (C passes
+        over the text, no object per value), so a many-MB result costs the loop little."""
+        try:
+            members = jsonrpc.envelope(line, check_depth=False)
+        except jsonrpc.InvalidMessage:
+            self._bad_line(line, "not a JSON object")
+            return
+        except jsonrpc.DecodeError as exc:
+            if line.strip():
+                self._bad_line(line, f"not JSON ({exc})")
+            return
+        method = jsonrpc.text(members.get("method"))
+        if method is not None:
+            thread_id, turn_id = jsonrpc.params_thread_and_turn(members.get("params"))
+            if "id" in members:
+                self._server_request(line, members, method, thread_id)
+            else:
+                self._notification(method, thread_id, turn_id, line)
+        elif "id" in members and ("result" in members or "error" in members):
+            raw_id = members["id"]
+            proxy_id = jsonrpc.value(raw_id) if jsonrpc.request_id(raw_id) is not None else None
+            result = members.get("result")
+            self._response_line(line, members, proxy_id, lambda: jsonrpc.result_ids(result))
         else:
             self._bad_line(line, "neither a request, a response nor a notification")
 
     def _bad_line(self, line: bytes, why: str) -> None:
         preview = line[:200].decode("utf-8", "replace")
         log.warning("app-server line skipped (%d bytes): %s: %s", len(line), why, preview)
+        if len(line) >= LARGE_LINE:
+            return
         # If it still names a request we sent, its requester gets an error instead of silence.
         try:
             salvaged = jsonrpc.loads_lenient(line.decode("utf-8", "replace"))
         except jsonrpc.DecodeError:
             return
         if isinstance(salvaged, dict) and "method" not in salvaged and isinstance(salvaged.get("id"), int):
-            self._response({"id": salvaged["id"], "error": jsonrpc.error(
-                jsonrpc.INTERNAL_ERROR, f"the app-server sent an invalid response: {why}")})
+            error = jsonrpc.error(jsonrpc.INTERNAL_ERROR, f"the app-server sent an invalid response: {why}")
+            self._response(salvaged["id"], {"id": salvaged["id"], "error": error}, lambda: NO_FACTS)
 
-    def _response(self, msg: dict[str, Any]) -> None:
+    def _response_line(self, line: bytes, members: jsonrpc.Members | None, proxy_id: Any,
+                       facts: Callable[[], Facts]) -> None:
+        if members is None:
+            try:
+                members = jsonrpc.envelope(line, check_depth=False)
+            except ValueError as exc:
+                self._bad_line(line, f"not relayable ({exc})")
+                return
+        self._response(proxy_id, members, facts)
+
+    def _response(self, proxy_id: Any, msg: dict[str, Any], facts: Callable[[], Facts]) -> None:
+        """A response to a request of the proxy's: ``msg`` its members (JSON text, or the
+        proxy's own decoded error), ``facts`` what its result hands over, read only when the
+        requester needs it (a big result costs a pass)."""
         self.last_response = time.monotonic()
-        proxy_id = msg["id"]
-        pending = self.pending.pop(proxy_id, None) if isinstance(proxy_id, int) else None
+        pending = self.pending.pop(proxy_id, None) if type(proxy_id) is int else None
         if pending is None:
             log.warning("app-server answered an unknown request id %r", proxy_id)
             return
@@ -394,25 +534,28 @@ class Hub:
             assert pending.future is not None
             if not pending.future.done():
                 pending.future.set_result(msg)
-            self._note_turn_start(pending, msg.get("result"), None)
+            if "result" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS:
+                self._note_turn_start(pending, facts(), None)
         elif pending.kind == SESSION:
-            self._session_response(pending, proxy_id, msg)
+            self._session_response(pending, proxy_id, msg, facts)
         self._on_change()
 
-    def _session_response(self, pending: Pending, proxy_id: int, msg: dict[str, Any]) -> None:
+    def _session_response(self, pending: Pending, proxy_id: int, msg: dict[str, Any],
+                          facts: Callable[[], Facts]) -> None:
         session = pending.session
         assert session is not None
         session.pending.discard(proxy_id)
-        result = msg.get("result")
         if "error" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS and pending.thread_id:
             self._unannounce(session, pending.thread_id)
-        if result is not None:
-            for thread_id in jsonrpc.thread_ids_in_result(result):
+        if "result" in msg:
+            handed = facts()
+            for thread_id in handed[0]:
                 self._subscribe(session, thread_id)
-            self._note_turn_start(pending, result, session)
+            self._note_turn_start(pending, handed, session)
         if session.open:
-            msg["id"] = pending.client_id
-            session.push(dumps(msg))
+            relayed = dict(msg)
+            relayed["id"] = pending.client_id
+            session.push(jsonrpc.encode(relayed))
         self._maybe_finish(session)
 
     def _unannounce(self, session: Session, thread_id: str) -> None:
@@ -420,20 +563,17 @@ class Hub:
         if session.starting[thread_id] <= 0:
             del session.starting[thread_id]
 
-    def _note_turn_start(self, pending: Pending, result: Any, owner: Session | None) -> None:
+    def _note_turn_start(self, pending: Pending, facts: Facts, owner: Session | None) -> None:
         """A successful turn-starting response with a turn id begins that turn."""
-        if pending.method not in jsonrpc.TURN_STARTING_METHODS or not isinstance(result, dict):
-            return
-        turn = result.get("turn")
-        if not (isinstance(turn, dict) and isinstance(turn.get("id"), str)):
+        _, review_thread, turn_id = facts
+        if pending.method not in jsonrpc.TURN_STARTING_METHODS or turn_id is None:
             return  # no turn id (thread/compact/start): the turn/started notification tells
-        thread_id = result.get("reviewThreadId") if isinstance(result.get("reviewThreadId"), str) \
-            else pending.thread_id
+        thread_id = review_thread if review_thread is not None else pending.thread_id
         if thread_id is None:
             return
         if owner is not None and pending.thread_id is not None:
             self._unannounce(owner, pending.thread_id)
-        self._begin_turn(thread_id, turn["id"], owner)
+        self._begin_turn(thread_id, turn_id, owner)
 
     def _begin_turn(self, thread_id: str, turn_id: str, owner: Session | None) -> None:
         key = (thread_id, turn_id)
@@ -451,23 +591,17 @@ class Hub:
             self._maybe_finish(turn.owner)
         self._on_change()
 
-    def _notification(self, msg: dict[str, Any], method: str, line: bytes) -> None:
-        params = msg.get("params")
-        thread_id = thread_id_of(params)
+    def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes) -> None:
         text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)
         targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
         for session in list(targets):
             if method not in session.opt_out:
                 session.push(text)
         # After delivery: a turn/completed may end a half-closed Session, which must get it first.
-        if method == "turn/started" or method == "turn/completed":
-            self._track_turn(method, thread_id, params)
+        if (method == "turn/started" or method == "turn/completed") and thread_id is not None and turn_id:
+            self._track_turn(method, thread_id, turn_id)
 
-    def _track_turn(self, method: str, thread_id: str | None, params: Any) -> None:
-        turn = params.get("turn") if isinstance(params, dict) else None
-        turn_id = turn.get("id") if isinstance(turn, dict) else None
-        if thread_id is None or not isinstance(turn_id, str):
-            return
+    def _track_turn(self, method: str, thread_id: str, turn_id: str) -> None:
         if method == "turn/completed":
             self._end_turn(thread_id, turn_id)
             return
@@ -481,18 +615,27 @@ class Hub:
         self._begin_turn(thread_id, turn_id, owner)
         self._on_change()
 
-    def _server_request(self, msg: dict[str, Any], method: str) -> None:
-        thread_id = thread_id_of(msg.get("params"))
+    def _server_request(self, line: bytes, members: jsonrpc.Members | None, method: str,
+                        thread_id: str | None) -> None:
+        if members is None:
+            try:
+                members = jsonrpc.envelope(line, check_depth=False)
+            except ValueError as exc:
+                self._bad_line(line, f"not relayable ({exc})")
+                return
+        app_id = members["id"]
         pool = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
         targets = {s for s in pool if s.open and not s.half_closed}
         if not targets:
-            log.info("server request %s (id %r) has no client to answer it; declined", method, msg["id"])
-            self._answer_app_server(msg["id"], jsonrpc.NO_CLIENT_ERROR)
+            log.info("server request %s (id %s) has no client to answer it; declined", method,
+                     bytes(app_id)[:40].decode())
+            self._answer_app_server(app_id, jsonrpc.NO_CLIENT_ERROR)
             return
         local_id = next(self._server_ids)
-        self.server_requests[local_id] = ServerRequest(msg["id"], method, targets)
-        msg["id"] = local_id
-        text = dumps(msg)
+        self.server_requests[local_id] = ServerRequest(app_id, method, targets)
+        relayed: dict[str, Any] = dict(members)
+        relayed["id"] = local_id
+        text = jsonrpc.encode(relayed)
         for session in list(targets):
             session.server_requests.add(local_id)
             session.push(text)
@@ -514,5 +657,5 @@ class Hub:
         self.turns.clear()
         self.server_requests.clear()
         for session in list(self.sessions.values()):
-            session.end(Ending(grpc.StatusCode.UNAVAILABLE, why))
+            session.end(Ending(EndReason.APP_SERVER_GONE, why))
         self._on_change()

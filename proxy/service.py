@@ -1,18 +1,28 @@
 """gRPC servicers: AppServer (Session, Call) and Broker (Status, Drain).
 
-Exceptions become gRPC status here and only here: a known ending keeps its status, anything
-else is logged with its traceback and reported as INTERNAL; cancellation passes through."""
+Errors become gRPC statuses here and only here: a Session's ending reason (proxy/session.py)
+maps to its status; an expected error (an abort) keeps its status; any other exception is
+logged with its traceback and reported as INTERNAL (an exception while routing a client's
+message ends that Session so); cancellation passes through.
+
+AppServer's requests are read by hand (proxy/frames.py): protobuf would refuse a string field
+that is not UTF-8 before any handler runs, and the client would get no JSON-RPC answer. The
+hub judges the bytes. Session frames are written pre-encoded (no response serializer)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import msgspec
 
 from protos import broker_pb2, broker_pb2_grpc
-from proxy import jsonrpc
+from proxy import frames, jsonrpc
+from proxy.session import Ending, EndReason
 from proxy.session import Session as ClientSession
 from proxy.text import proto_text, proto_texts
 
@@ -21,29 +31,81 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("codex_broker.proxy")
 
+STATUS_OF: dict[EndReason, grpc.StatusCode | None] = {
+    EndReason.OK: None,
+    EndReason.SLOW_CLIENT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EndReason.APP_SERVER_GONE: grpc.StatusCode.UNAVAILABLE,
+    EndReason.STOPPING: grpc.StatusCode.UNAVAILABLE,  # also a Session opened on a broker that drains
+    EndReason.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_INT64 = range(-(2**63), 2**63)
+_R = TypeVar("_R")
+
+
+def _statuses(handler: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_R]]
+              ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_R]]:
+    """An RPC handler whose unexpected exceptions are logged with their traceback and become
+    INTERNAL (gRPC would say UNKNOWN); aborts and cancellation pass through."""
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> _R:
+        try:
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the broker: {exc!r}"[:1000])
+            raise  # not reached: abort raises
+    return wrapper
+
+
+def _text(value: Any) -> str:
+    """JSON text of a member: relayed as it is (msgspec.Raw), or encoded."""
+    if isinstance(value, msgspec.Raw):
+        return bytes(value).decode()
+    return jsonrpc.dumps_text(value)
+
 
 def _reply_from(msg: dict[str, Any]) -> broker_pb2.CallReply:
-    err = msg.get("error")
-    if err is not None:
+    """A CallReply from a response: the app-server's (members as JSON text) or the proxy's own."""
+    if "error" in msg and msg["error"] is not None:
+        err = msg["error"]
+        if isinstance(err, msgspec.Raw):
+            err = jsonrpc.value(err)
         if not isinstance(err, dict):
             err = {"code": jsonrpc.INTERNAL_ERROR, "message": str(err)}
         code = err.get("code")
         return broker_pb2.CallReply(error=broker_pb2.JsonRpcError(
-            code=code if isinstance(code, int) and not isinstance(code, bool) else jsonrpc.INTERNAL_ERROR,
+            code=code if type(code) is int and code in _INT64 else jsonrpc.INTERNAL_ERROR,
             message=str(err.get("message", "")),
             data_json=jsonrpc.dumps_text(err["data"]) if "data" in err else ""))
-    return broker_pb2.CallReply(result_json=jsonrpc.dumps_text(msg.get("result")))
+    return broker_pb2.CallReply(result_json=_text(msg.get("result")))
+
+
+def _call_args(data: bytes) -> tuple[bytes, bytes] | frames.FrameError:
+    """CallRequest's method and params_json as bytes, or why the request cannot be read."""
+    try:
+        fields = frames.read_fields(data)
+    except frames.FrameError as exc:
+        return exc
+    return fields.get(1, b""), fields.get(2, b"")
+
+
+def _reply_error(code: int, message: str) -> broker_pb2.CallReply:
+    return _reply_from({"error": jsonrpc.error(code, message)})
 
 
 class AppServerService(broker_pb2_grpc.AppServerServicer):
     def __init__(self, broker: Broker):
         self.broker = broker
 
+    @_statuses
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         broker = self.broker
         if not broker.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"broker is {broker.state_name.lower()}: open a Session on a new broker")
+            refused = STATUS_OF[EndReason.STOPPING]
+            assert refused is not None
+            await context.abort(refused, f"broker is {broker.state_name.lower()}: open a Session on a new broker")
         hub = broker.hub
         session = hub.open_session()
         session.handler = asyncio.current_task()
@@ -53,54 +115,78 @@ class AppServerService(broker_pb2_grpc.AppServerServicer):
             while (frame := await session.next_frame()) is not None:
                 await context.write(frame)  # already an encoded ServerFrame (proxy/frames.py)
         except asyncio.CancelledError:
-            if session.ending is None or session.ending.code is None:
+            if session.ending is None or session.ending.ok:
                 raise  # the client went away, or the server is stopping
         finally:
             reader.cancel()
             hub.close_session(session)
             log.info("session %s closed (%d open)%s", session.id, len(hub.sessions),
-                     f": {session.ending.details}" if session.ending and session.ending.code else "")
+                     f": {session.ending.details}" if session.ending and not session.ending.ok else "")
         assert session.ending is not None
-        if session.ending.code is not None:
-            context.set_code(session.ending.code)
+        code = STATUS_OF[session.ending.reason]
+        if code is not None:
+            context.set_code(code)
             context.set_details(session.ending.details)
 
     async def _read(self, session: ClientSession, request_iterator: Any) -> None:
+        """Routes the client's frames in order, each one before the next is read."""
         hub = self.broker.hub
-        try:
-            async for frame in request_iterator:
-                hub.from_client(session, frame.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream broke under us: the handler ends it
-            log.info("session %s: reading failed: %r", session.id, exc)
-            return
-        hub.half_close(session)
+        frames_in = aiter(request_iterator)
+        while True:
+            try:
+                data = await anext(frames_in)
+            except StopAsyncIteration:
+                hub.half_close(session)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream broke under us: the handler ends it
+                log.info("session %s: reading failed: %r", session.id, exc)
+                return
+            try:
+                if isinstance(data, frames.FrameError):
+                    hub.refuse(session, jsonrpc.Refusal(jsonrpc.error(
+                        jsonrpc.PARSE_ERROR, f"Parse error: not a ClientFrame ({data})")))
+                else:
+                    await hub.receive(session, data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("session %s: internal error while routing a client message; ending it", session.id)
+                session.end(Ending(EndReason.INTERNAL, f"internal error in the broker: {exc!r}"[:1000]))
+                return
 
-    async def Call(self, request: broker_pb2.CallRequest, context: grpc.aio.ServicerContext  # noqa: N802
-                   ) -> broker_pb2.CallReply:
+    @_statuses
+    async def Call(self, request: tuple[bytes, bytes] | frames.FrameError,  # noqa: N802
+                   context: grpc.aio.ServicerContext) -> broker_pb2.CallReply:
         broker = self.broker
         if broker.state_name == "STOPPING":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "broker is stopping")
-        if not request.method:
-            return _reply_from({"error": jsonrpc.error(jsonrpc.INVALID_REQUEST, "Invalid request: method is required")})
-        params: Any = {}
-        if request.params_json:
-            try:
-                params = jsonrpc.loads(request.params_json)
-            except jsonrpc.DecodeError as exc:
-                return _reply_from({"error": jsonrpc.error(jsonrpc.PARSE_ERROR, f"Parse error in params_json: {exc}")})
-        return _reply_from(await broker.hub.call(request.method, params))
+        if isinstance(request, frames.FrameError):
+            return _reply_error(jsonrpc.PARSE_ERROR, f"Parse error: not a CallRequest ({request})")
+        method_bytes, params_json = request
+        try:
+            method = method_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            return _reply_error(jsonrpc.INVALID_REQUEST, "Invalid request: method is not UTF-8")
+        if not method:
+            return _reply_error(jsonrpc.INVALID_REQUEST, "Invalid request: method is required")
+        params = jsonrpc.read_params(params_json)
+        if isinstance(params, jsonrpc.Refusal):
+            return _reply_from({"error": params.error})
+        return _reply_from(await broker.hub.call(method, params))
 
 
 class BrokerService(broker_pb2_grpc.BrokerServicer):
     def __init__(self, broker: Broker):
         self.broker = broker
 
+    @_statuses
     async def Status(self, request: broker_pb2.StatusRequest, context: grpc.aio.ServicerContext  # noqa: N802
                      ) -> broker_pb2.BrokerStatus:
         return self.broker.status()
 
+    @_statuses
     async def Drain(self, request: broker_pb2.DrainRequest, context: grpc.aio.ServicerContext  # noqa: N802
                     ) -> broker_pb2.DrainReply:
         broker = self.broker
@@ -143,13 +229,13 @@ def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
 
 
 def add_app_server_service(server: grpc.aio.Server, service: AppServerService) -> None:
-    """As the generated add_AppServerServicer_to_server, but Session frames are written
-    pre-encoded (no response serializer): see proxy/frames.py."""
+    """As the generated add_AppServerServicer_to_server, but requests are read by hand (string
+    fields as bytes) and Session frames are written pre-encoded: see proxy/frames.py."""
     handlers = {
         "Session": grpc.stream_stream_rpc_method_handler(
-            service.Session, request_deserializer=broker_pb2.ClientFrame.FromString, response_serializer=None),
+            service.Session, request_deserializer=frames.client_message, response_serializer=None),
         "Call": grpc.unary_unary_rpc_method_handler(
-            service.Call, request_deserializer=broker_pb2.CallRequest.FromString,
+            service.Call, request_deserializer=_call_args,
             response_serializer=broker_pb2.CallReply.SerializeToString),
     }
     name = broker_pb2.DESCRIPTOR.services_by_name["AppServer"].full_name

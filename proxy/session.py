@@ -1,18 +1,21 @@
 """One client Session: its subscriptions and pending work, and its bounded outgoing buffer.
 
-Everything the hub sends to a Session goes through ``push`` in app-server order; the gRPC
-handler drains the buffer in batches (many messages per ServerFrame), which is what keeps a
-delta-heavy turn cheap. A Session whose backlog passes its limit is dropped at that moment:
-its buffer is freed and its handler is told to end with RESOURCE_EXHAUSTED."""
+Everything the hub sends to a Session goes through ``push`` in app-server order; its front end
+drains the buffer in batches (``next_batch``; the gRPC handler sends many messages per
+ServerFrame), which is what keeps a delta-heavy turn cheap. A Session whose backlog passes its
+limit is dropped at that moment: its buffer is freed and its handler is told to end
+(SLOW_CLIENT).
+
+Nothing here knows the transport: a Session ends with an ``Ending`` (a reason and details),
+which each front end turns into its own terms (service.py: a gRPC status)."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import grpc
 
 from proxy.frames import encode_frame
 
@@ -24,12 +27,26 @@ BATCH_MAX_BYTES = 1 << 20
 LARGE_MESSAGE = 1 << 20
 
 
-@dataclass
+class EndReason(enum.Enum):
+    """Why a Session ended."""
+    OK = "ok"  # the client finished, or the broker stopped after delivering everything
+    SLOW_CLIENT = "slow client"  # fell further behind than its buffer allows
+    APP_SERVER_GONE = "app-server gone"  # the app-server exited: nothing more can be served
+    STOPPING = "stopping"  # the broker refuses new work for good
+    INTERNAL = "internal"  # a fault of the broker's own while routing the Session's messages
+
+
+@dataclass(frozen=True)
 class Ending:
-    """How a Session's RPC ends: OK (code None) or a gRPC status with details."""
-    code: grpc.StatusCode | None = None
+    """How a Session ends: its reason, details for the client, and whether what is buffered
+    is delivered first."""
+    reason: EndReason = EndReason.OK
     details: str = ""
-    flush: bool = True  # deliver what is buffered first
+    flush: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is EndReason.OK
 
 
 @dataclass(eq=False)
@@ -98,8 +115,12 @@ class Session:
         self._wake.set()
 
     async def next_frame(self) -> bytes | None:
-        """The next ServerFrame, encoded: the oldest messages, as many as fit a batch; None
-        when the Session is over."""
+        """The next ServerFrame, encoded (proxy/frames.py); None when the Session is over."""
+        batch = await self.next_batch()
+        return None if batch is None else encode_frame(batch)
+
+    async def next_batch(self) -> list[bytes] | None:
+        """The oldest messages, as many as fit a batch; None when the Session is over."""
         while not self._queue:
             if self.ending is not None:
                 return None
@@ -110,7 +131,7 @@ class Session:
             batch = list(queue)  # the usual case: everything queued fits one frame
             queue.clear()
             self._queued_bytes = 0
-            return encode_frame(batch)
+            return batch
         batch = []
         size = 0
         while queue and len(batch) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES:
@@ -120,4 +141,4 @@ class Session:
             if len(text) >= LARGE_MESSAGE:
                 self._large.popleft()
         self._queued_bytes -= size
-        return encode_frame(batch)
+        return batch

@@ -36,7 +36,7 @@ turn/start {threadId, input} -> {turn: {id, status: "inProgress", items: []}}, t
 turn/interrupt {threadId, turnId} -> {} and the turn ends with status "interrupted";
     no such running turn -> -32600.
 fake/stats -> {serverRequests, serverResponses, serverErrorResponses, pendingServerRequests,
-    unexpectedResponses, turnsRunning}. A response whose id is not a pending server request
+    unexpectedResponses, turnsRunning, droppedLines}. A response whose id is not a pending server request
     (a second answer, a made-up id) counts in unexpectedResponses (and is logged to stderr).
 
 The turn stream: turn/started, item/started, N x item/agentMessage/delta ("w0 ", "w1 ", ...),
@@ -138,6 +138,15 @@ Options
                          app-server that never notices its parent went away.
   --lenient-initialize   no "Not initialized" / "Already initialized" checks.
   --strict-initialize    the default; accepted for compatibility.
+  --raw-big-lines        a request line over 1 MiB is answered without being parsed, so that
+                         the fake's own loop is not busy for seconds (codex reads on its own
+                         threads): fake/echo gets {"params": <its params' text as written>},
+                         any other method {}. The line must be compact, id and method first.
+  --codex-parser         read stdin as codex does: a line nested deeper than 127 levels (serde_json
+                         stops at 128), and a response codex cannot parse (both result and error;
+                         neither; an error that is not {code: 64-bit integer, message: string}),
+                         are dropped without any answer (written to stderr, counted in
+                         fake/stats as droppedLines).
 
 Exits 0 on stdin EOF, SIGTERM or SIGINT (except as above: crash=K -> 3, fake/exit -> code,
 hang=2 ignores signals). Writes nothing but protocol to stdout; diagnostics go to stderr.
@@ -157,6 +166,11 @@ BATCH = 64  # notifications per write when unpaced
 IGNORE_EOF = "--ignore-stdin-eof" in ARGS or os.environ.get("FAKE_IGNORE_EOF") == "1"
 STRICT_INIT = "--lenient-initialize" not in ARGS and os.environ.get("FAKE_STRICT_INIT") != "0"
 FLUSH_SECONDS = 5.0  # bound on flushing stdout before a crash, exit or hang
+CODEX_PARSER = "--codex-parser" in ARGS
+RAW_BIG_LINES = "--raw-big-lines" in ARGS
+BIG_LINE = 1 << 20
+_BIG_REQUEST = re.compile(rb'\{"id":(-?\d+|"[^"]*"),"method":"([^"]*)","params":')
+CODEX_MAX_DEPTH = 127
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _ENCODE_ASCII = json.JSONEncoder(separators=(",", ":")).encode
@@ -183,6 +197,44 @@ def _reject_constant(name):
 
 def parse_line(line):
     return json.loads(line, parse_constant=_reject_constant)
+
+
+def _depth(line):
+    """How deep a JSON line nests (brackets outside strings), without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in line.decode("utf-8", "replace"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def codex_drops(line, msg):
+    """Why codex would drop this line without answering (--codex-parser), or None."""
+    if msg is None:
+        return "recursion limit exceeded"
+    if not isinstance(msg, dict) or "method" in msg or "id" not in msg:
+        return None
+    if ("result" in msg) == ("error" in msg):
+        return "a response needs exactly one of result and error"
+    if "error" in msg:
+        err = msg["error"]
+        if not (isinstance(err, dict) and type(err.get("code")) is int and -(2**63) <= err["code"] < 2**63
+                and isinstance(err.get("message"), str)):
+            return "error is not {code: i64, message: string}"
+    return None
 
 
 def _env_float(name, default):
@@ -251,7 +303,7 @@ class FakeAppServer:
         self.srv_next = 0  # server->client request ids: 0, 1, ...
         self.srv_pending = {}  # id -> future of the client's response message
         self.stats = {"serverRequests": 0, "serverResponses": 0, "serverErrorResponses": 0,
-                      "unexpectedResponses": 0}
+                      "unexpectedResponses": 0, "droppedLines": 0}
 
     # -- output -------------------------------------------------------------
     def write(self, data):
@@ -709,12 +761,27 @@ async def serve():
                 log.flush()
             if server.wedged:
                 return
+            if RAW_BIG_LINES and len(line) > BIG_LINE and (big := _BIG_REQUEST.match(line)):
+                view = memoryview(line)
+                end = len(line) - (2 if line.endswith(b"\n") else 1)  # the params' text, the closing } aside
+                params = view[big.end():end] if big.group(2) == b"fake/echo" else None
+                result = [b'{"params":', params, b"}"] if params is not None else [b"{}"]
+                server.write(b"".join([b'{"id":', view[big.start(1):big.end(1)], b',"result":', *result, b"}\n"]))
+                await writer.drain()
+                continue
             if not line.strip():
                 continue
-            try:
-                msg = parse_line(line)
-            except ValueError as exc:
-                server.send({"id": None, "error": {"code": -32700, "message": f"Parse error: {exc}"}})
+            if CODEX_PARSER and _depth(line) > CODEX_MAX_DEPTH:
+                msg = None
+            else:
+                try:
+                    msg = parse_line(line)
+                except ValueError as exc:
+                    server.send({"id": None, "error": {"code": -32700, "message": f"Parse error: {exc}"}})
+                    continue
+            if CODEX_PARSER and (why := codex_drops(line, msg)):
+                server.stats["droppedLines"] += 1
+                print(f"fake app-server: dropped a line as codex would: {why}", file=sys.stderr, flush=True)
                 continue
             if isinstance(msg, dict):
                 server.handle(msg)

@@ -9,8 +9,9 @@ import json
 from typing import Any
 
 from protos import broker_pb2
+from proxy import jsonrpc
 from proxy.hub import Hub
-from proxy.session import Session
+from proxy.session import EndReason, Session
 
 
 def line(obj: dict[str, Any]) -> bytes:
@@ -20,15 +21,24 @@ def line(obj: dict[str, Any]) -> bytes:
 class Harness:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
-        self.hub = Hub(send=lambda raw: self.sent.append(json.loads(raw)), stdin_backlog=lambda: 0,
+        self.raw_sent: list[bytes] = []
+        self.hub = Hub(send=self._send, stdin_backlog=lambda: 0,
                        session_buffer_bytes=8 << 20, on_change=lambda: None)
         self.hub.init_result = {"userAgent": "test"}
+
+    def _send(self, raw: bytes) -> None:
+        self.raw_sent.append(raw)
+        self.sent.append(json.loads(raw))
+
+    def from_client(self, session: Session, msg: Any) -> None:
+        """What a front end does with one client message (small: read on the loop)."""
+        self.hub.route(session, jsonrpc.read_client_message(json.dumps(msg).encode()))
 
     def session_on(self, thread_id: str) -> Session:
         """A Session, initialized, that started ``thread_id`` (so it follows it)."""
         session = self.hub.open_session()
-        self.hub.from_client(session, json.dumps({"id": 1, "method": "initialize", "params": {}}))
-        self.hub.from_client(session, json.dumps({"id": 2, "method": "thread/start", "params": {}}))
+        self.from_client(session, {"id": 1, "method": "initialize", "params": {}})
+        self.from_client(session, {"id": 2, "method": "thread/start", "params": {}})
         proxy_id = self.sent[-1]["id"]
         self.hub.from_app_server_lines([line({"id": proxy_id, "result": {"thread": {"id": thread_id}}})])
         drain(session)
@@ -111,5 +121,67 @@ def test_a_session_past_its_buffer_limit_is_dropped_and_the_other_keeps_its_stre
         lines.append(note("item/agentMessage/delta", "thr-o", delta=f"o{i}"))
     for start in range(0, len(lines), 50):  # chunks, as the reader hands them over
         h.hub.from_app_server_lines(lines[start:start + 50])
-    assert slow.ending is not None and slow.ending.code is not None  # dropped for falling behind
+    assert slow.ending is not None and slow.ending.reason is EndReason.SLOW_CLIENT  # dropped for falling behind
     assert [m["params"]["delta"] for m in drain(other)] == [f"o{i}" for i in range(200)]
+
+
+def test_a_big_response_amid_deltas_is_relayed_in_order_under_the_clients_id_with_every_number_exact():
+    """A result of more than 1 MiB is routed from its envelope (only its routing fields are
+    decoded): it reaches its requester between the deltas around it, under the client's own
+    id, its numbers as the app-server wrote them."""
+    h = Harness()
+    s = h.session_on("thr-big")
+    h.from_client(s, {"id": "mine", "method": "thread/read", "params": {"threadId": "thr-big"}})
+    proxy_id = h.sent[-1]["id"]
+    numbers = ",".join(f"1{i:028d}.5e-400" for i in range(60_000))  # wider than 64 bits, finer than a double
+    big = (b'{"id":%d,"result":{"thread":{"id":"thr-new"},"x":[' % proxy_id) + numbers.encode() + b"]}}"
+    assert len(big) > 1 << 20
+    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-big", delta="before")])
+    h.hub.from_app_server_lines([big])  # a line that big comes alone (see proxy/appserver.py)
+    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-big", delta="after")])
+
+    async def texts() -> list[str]:
+        out: list[str] = []
+        while s._queue:
+            frame = await s.next_frame()
+            assert frame is not None
+            out.extend(broker_pb2.ServerFrame.FromString(frame).messages)
+        return out
+
+    before, relayed, after = asyncio.run(texts())
+    assert json.loads(before)["params"]["delta"] == "before" and json.loads(after)["params"]["delta"] == "after"
+    assert relayed == '{"id":"mine","result":{"thread":{"id":"thr-new"},"x":[' + numbers + "]}}"
+    assert "thr-new" in s.threads  # the result's thread id was read from the envelope
+
+
+def test_a_big_server_request_is_relayed_and_the_answer_goes_back_under_the_app_servers_own_id():
+    h = Harness()
+    s = h.session_on("thr-ask")
+    padding = "y" * (1 << 20)
+    app_id = "123456789012345678901234567890"  # the app-server's own id, wider than 64 bits
+    h.hub.from_app_server_lines([b'{"id":' + app_id.encode() + b',"method":"item/tool/requestUserInput",'
+                                 b'"params":{"threadId":"thr-ask","pad":"' + padding.encode() + b'"}}'])
+    (asked,) = drain(s)
+    assert asked["params"]["pad"] == padding and asked["id"] != int(app_id)
+    answer = b'{"id": ' + str(asked["id"]).encode() + b',\n "result": {"answers": {"q1": 1.00000000000000000001}}}'
+    h.hub.route(s, jsonrpc.read_client_message(answer))  # pretty-printed, as a client may write it
+    assert h.raw_sent[-1] == b'{"id":' + app_id.encode() + b',"result":{"answers":{"q1":1.00000000000000000001}}}'
+
+
+def test_an_answer_that_fails_to_encode_settles_the_server_request_with_a_decline(monkeypatch):
+    h = Harness()
+    s = h.session_on("thr-enc")
+    h.hub.from_app_server_lines([b'{"id":41,"method":"item/tool/requestUserInput","params":{"threadId":"thr-enc"}}'])
+    (asked,) = drain(s)
+    encode = jsonrpc.encode
+
+    def failing(members: Any) -> bytes:
+        if "result" in members:
+            raise TypeError("cannot encode this answer")
+        return encode(members)
+
+    monkeypatch.setattr(jsonrpc, "encode", failing)
+    h.from_client(s, {"id": asked["id"], "result": {"answers": {}}})
+    assert h.sent[-1] == {"id": 41, "error": {"code": -32000, "message": (
+        "the client's answer could not be relayed: it could not be encoded (cannot encode this answer)")}}
+    assert not h.hub.server_requests and not s.server_requests

@@ -95,7 +95,11 @@ def _reply_error(code: int, message: str) -> broker_pb2.CallReply:
     return _reply_from({"error": jsonrpc.error(code, message)})
 
 
-class AppServerService(broker_pb2_grpc.AppServerServicer):
+class AppServerService:
+    """AppServer, registered by hand (``add_app_server_service``) rather than through the
+    generated servicer: its requests are read by the service's own deserializers and its
+    Session frames are written pre-encoded, so its signatures differ from the generated ones."""
+
     def __init__(self, broker: Broker):
         self.broker = broker
 
@@ -231,7 +235,7 @@ def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
 def add_app_server_service(server: grpc.aio.Server, service: AppServerService) -> None:
     """As the generated add_AppServerServicer_to_server, but requests are read by hand (string
     fields as bytes) and Session frames are written pre-encoded: see proxy/frames.py."""
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Session": grpc.stream_stream_rpc_method_handler(
             service.Session, request_deserializer=frames.client_message, response_serializer=None),
         "Call": grpc.unary_unary_rpc_method_handler(

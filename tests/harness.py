@@ -1,6 +1,6 @@
 """The one test harness: broker processes and async Session clients, shared by the tests and
 the bench (``from tests.harness import ...`` from the project root; ``from harness import
-...`` inside tests/).
+...`` in test modules: pytest puts both the root and tests/ on sys.path).
 
 - ``BrokerProcess``: one ``python -m proxy serve`` subprocess in a fresh short directory, in
   front of tests/fake_app_server.py (or any ``--app-server`` command). ``wait_ready`` returns
@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
-
-try:  # inside tests/ (pytest's rootdir-relative imports) or from the project root (the bench)
-    from proc_support import WAIT, cmdline, gone, processes_with, wait_for, wait_gone  # noqa: F401 (re-exported)
-except ModuleNotFoundError:
-    from tests.proc_support import WAIT, cmdline, gone, processes_with, wait_for, wait_gone  # noqa: F401
+from tests.proc_support import WAIT, cmdline, gone, processes_with, wait_for, wait_gone  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_app_server.py"
@@ -121,29 +118,49 @@ def wait_serving(endpoint: str, proc: subprocess.Popen[bytes], timeout: float, l
     """Returns when the broker's Health Watch says SERVING; fails at once if the process exits.
 
     The Watch waits for the socket to appear (wait_for_ready), and a thread cancels it the moment
-    the process exits, so nothing here is a sleep."""
+    the process exits (its pidfd turns readable), so nothing here is a sleep."""
     with grpc.insecure_channel(endpoint, options=READY_CHANNEL_OPTIONS) as channel:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
                                                           timeout=timeout, wait_for_ready=True)
-        settled = threading.Event()
-
-        def watch_exit() -> None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout + 5)
-            if not settled.is_set():
-                call.cancel()
-
-        threading.Thread(target=watch_exit, name="serve-exit-watch", daemon=True).start()
-        try:
-            for reply in call:
-                if reply.status == SERVING:
-                    settled.set()
-                    call.cancel()
-                    return
-        except grpc.RpcError as exc:
-            raise AssertionError(f"broker not SERVING within {timeout:g} s (exit status {proc.poll()}, "
-                                 f"{exc.code().name}):\n{log_tail()}") from None  # type: ignore[attr-defined]
+        with on_exit(proc, call.cancel):
+            try:
+                for reply in call:
+                    if reply.status == SERVING:
+                        call.cancel()
+                        return
+            except grpc.RpcError as exc:
+                raise AssertionError(f"broker not SERVING within {timeout:g} s (exit status {proc.poll()}, "
+                                     f"{exc.code().name}):\n{log_tail()}") from None
     raise AssertionError(f"broker health watch ended before SERVING:\n{log_tail()}")
+
+
+@contextlib.contextmanager
+def on_exit(proc: subprocess.Popen[bytes], callback: Callable[[], Any]) -> Iterator[None]:
+    """Calls ``callback`` (from a thread) if ``proc`` exits before the block ends.
+
+    The thread waits on the process's pidfd and on a pipe closed at the end of the block; it only
+    watches (it never reaps, so the Popen keeps its exit status)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # already gone (and reaped)
+        callback()
+        yield
+        return
+    stop_r, stop_w = os.pipe()
+
+    def watch() -> None:
+        if pidfd in select.select([pidfd, stop_r], [], [])[0]:
+            callback()
+
+    thread = threading.Thread(target=watch, name="serve-exit-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        os.close(stop_w)
+        thread.join()
+        os.close(stop_r)
+        os.close(pidfd)
 
 
 # -- one broker process -----------------------------------------------------------------------
@@ -176,7 +193,8 @@ class BrokerProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env={**os.environ, **env})
-        self.pid = self.proc.pid
+        self.pid = self.proc.pid  # the broker itself; see follow()
+        self._wrapped: psutil.Process | None = None
         self._channel: grpc.Channel | None = None
         self.known: list[psutil.Process] = []  # the broker's descendants, noted while it lives
 
@@ -219,7 +237,7 @@ class BrokerProcess:
             return st if predicate(st) else None
 
         try:
-            return wait_for(check, timeout, what)  # type: ignore[no-any-return]
+            return wait_for(check, timeout, what)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last Status: {seen[0] if seen else None}") from None
 
@@ -244,10 +262,32 @@ class BrokerProcess:
         procs = wait_for(lambda: [p for p in processes_with(self.marker) if p.pid != self.pid],
                          what="the app-server process")
         assert len(procs) == 1, procs
-        return procs[0]  # type: ignore[no-any-return]
+        return procs[0]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def follow(self, pid: int) -> None:
+        """The broker is ``pid``, run by the process we started (a profiler): signals go to it,
+        and SIGKILL to both."""
+        if pid != self.proc.pid:
+            self.pid, self._wrapped = pid, psutil.Process(pid)
+
+    async def exited(self, timeout: float = WAIT) -> int:
+        """Awaits the exit of the process we started (its pidfd turns readable: no polling); the exit code."""
+        if self.proc.poll() is None:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            try:
+                def settle() -> None:
+                    if not done.done():
+                        done.set_result(None)
+
+                with on_exit(self.proc, lambda: loop.call_soon_threadsafe(settle)):
+                    await asyncio.wait_for(done, timeout)
+            except TimeoutError:
+                raise AssertionError(f"broker {self.pid} still running after {timeout:g} s:\n{self.tail()}") from None
+        return self.proc.wait()
 
     def wait_exit(self, timeout: float = WAIT) -> int:
         try:
@@ -272,12 +312,11 @@ class BrokerProcess:
     def _signal_until_exit(self) -> list[str]:
         """SIGTERM drains (turns left running may hold it); a first SIGINT only joins the drain,
         a second one stops at once; SIGKILL last. The problems: signals the broker ignored."""
-        problems = []
+        problems: list[str] = []
         steps = ((signal.SIGTERM, 3.0, self.term_must_stop), (signal.SIGINT, 0.5, False),
                  (signal.SIGINT, 10.0, True), (signal.SIGKILL, 10.0, True))
         for sig, wait, must_stop in steps:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
+            self._send(sig)
             try:
                 self.proc.wait(wait)
                 return problems
@@ -286,6 +325,14 @@ class BrokerProcess:
                     problems.append(f"broker {self.pid} still running {wait:g} s after {signal.Signals(sig).name}")
         self.proc.wait()
         return problems
+
+    def _send(self, sig: int) -> None:
+        if self._wrapped is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):  # psutil refuses a recycled pid
+                self._wrapped.send_signal(sig)
+        if self._wrapped is None or sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
 
     def stop(self) -> list[str]:
         """Stops the broker by its PID and returns the problems found (see the module docstring)."""
@@ -472,11 +519,11 @@ class SessionClientBase:
         return reply
 
     async def start_thread(self) -> str:
-        return (await self.result("thread/start", {"cwd": "/tmp"}))["thread"]["id"]  # type: ignore[no-any-return]
+        return (await self.result("thread/start", {"cwd": "/tmp"}))["thread"]["id"]
 
     async def start_turn(self, thread_id: str, text: str) -> str:
         result = await self.result("turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": text}]})
-        return result["turn"]["id"]  # type: ignore[no-any-return]
+        return result["turn"]["id"]
 
     async def turn_completed(self, thread_id: str, turn_id: str | None = None, timeout: float = WAIT) -> Any:
         """Consumes messages until that thread's turn/completed; returns it."""
@@ -524,11 +571,11 @@ class SessionClientBase:
         """The response to ``request``: the future ``send_request`` returned, or a request id
         (then any message so far or later with exactly that id)."""
         if isinstance(request, asyncio.Future):
-            return await asyncio.wait_for(request, timeout)  # type: ignore[no-any-return]
-        return await self.wait_message(lambda m: is_response_to(m, request), timeout)  # type: ignore[no-any-return]
+            return await asyncio.wait_for(request, timeout)
+        return await self.wait_message(lambda m: is_response_to(m, request), timeout)
 
-    async def wait_end(self, timeout: float = WAIT) -> grpc.StatusCode | None:
-        """Waits for the stream to end; returns its status code."""
+    async def wait_end(self, timeout: float | None = WAIT) -> grpc.StatusCode | None:
+        """Waits for the stream to end (None: however long it takes); returns its status code."""
         try:
             await asyncio.wait_for(self._ended.wait(), timeout)
         except TimeoutError:
@@ -564,8 +611,8 @@ class SessionClient(SessionClientBase):
     async def _read_batch(self) -> Sequence[str] | None:
         try:
             frame = await self.call.read()
-            if frame is not grpc.aio.EOF:
-                return frame.messages  # type: ignore[no-any-return]
+            if isinstance(frame, broker_pb2.ServerFrame):  # else grpc.aio.EOF
+                return frame.messages
             self.code = await self.call.code()
             self.details = await self.call.details()
         except grpc.aio.AioRpcError as exc:
@@ -641,4 +688,4 @@ def read_request_log(path: Path) -> list[Any]:
 
 
 def methods_in(log: list[Any]) -> list[str]:
-    return [m.get("method") for m in log if isinstance(m, dict) and isinstance(m.get("method"), str)]
+    return [m["method"] for m in log if isinstance(m, dict) and isinstance(m.get("method"), str)]

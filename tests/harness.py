@@ -16,7 +16,8 @@ the bench (``from tests.harness import ...`` from the project root; ``from harne
   notifications, a cursor (``until``/``next``) and a whole-history search (``wait_message``),
   how the stream ended, frame and message counters, an optional read delay (a slow reader).
   A transport provides ``_write_text``, ``_read_batch``, ``_cancel`` and ``_done_writing``.
-- ``SessionClient``: that client over one grpc.aio ``AppServer.Session``.
+- ``SessionClient``: that client over one grpc.aio ``AppServer.Session``; ``LinesSession``: the
+  same over JSON lines on a byte stream (pipes, a unix socket).
 
 Tests are plain ``def test_x(): run(main())`` functions (no pytest-asyncio).
 """
@@ -624,6 +625,35 @@ class SessionClient(SessionClientBase):
 
     async def done_writing(self) -> None:
         await self.call.done_writing()
+
+
+class LinesSession(SessionClientBase):
+    """The Session client over JSON lines on a byte stream (a subprocess's pipes, a unix
+    socket: ``LinesSession(*await asyncio.open_unix_connection(path))``). One line is one
+    message and one batch; the end of the stream leaves ``code`` None."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any):
+        self._in, self._out = reader, writer
+        super().__init__(**kw)
+
+    async def _write_text(self, text: str) -> None:
+        self._out.write(text.encode() + b"\n")
+        await self._out.drain()
+
+    async def _read_batch(self) -> Sequence[str] | None:
+        while line := await self._in.readline():
+            if line.strip():
+                return [line.decode()]
+        self.details = "end of stream"
+        return None
+
+    def _cancel(self) -> None:
+        self._out.close()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def done_writing(self) -> None:
+        self._out.write_eof()
 
 
 # -- status and message helpers ---------------------------------------------------------------

@@ -15,7 +15,7 @@ the bench (``from tests.harness import ...`` from the project root; ``from harne
   reader task, every message recorded (parsed, raw text kept), request/response by id,
   notifications, a cursor (``until``/``next``) and a whole-history search (``wait_message``),
   how the stream ended, frame and message counters, an optional read delay (a slow reader).
-  A transport provides ``_write_text``, ``_read_batch``, ``_cancel`` and ``_done_writing``.
+  A transport provides ``_write_text``, ``_read_batch``, ``_cancel`` and ``done_writing``.
 - ``SessionClient``: that client over one grpc.aio ``AppServer.Session``; ``LinesSession``: the
   same over JSON lines on a byte stream (pipes, a unix socket).
 

@@ -12,6 +12,25 @@ Session sees messages in exactly the order the app-server wrote them.
   answer wins, and when no one is left to answer the app-server hears an error.
 - In-flight work = requests awaiting a response + turns begun and not yet completed.
 
+Sub-agents. A turn can spawn sub-agent threads, whose messages carry their own thread id, which
+no client asked for. The hub remembers which thread spawned which (``parents``/``children``,
+filled by ``jsonrpc.spawned_threads``): from the spawning thread's ``collabAgentToolCall`` item
+(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent), and from a
+``thread/started`` whose thread names its parent (``parentThreadId``, or
+``source.subAgent.thread_spawn.parent_thread_id``). The first link of a thread wins, and a link
+that would close a cycle is refused. Subscriptions propagate down: whoever follows a thread also
+follows its sub-agents, nested ones included, both when the sub-agent is linked and when a Session
+subscribes later (thread/resume of the parent). So ``threads[child]`` already holds the parent's
+Sessions, and notifications and server requests of a sub-agent are routed like any other thread's,
+on the same hot path, to no one else's client. A ``thread/started`` that names its parent goes to
+that parent's followers; one that names none (codex writes the sub-agent's thread/started before
+the collab item that links it) has no thread to route by and goes to every Session, as any message
+without a threadId does. A sub-agent's turns are tracked like any turn (in flight until
+turn/completed), whether or not a Session follows it. A link is forgotten once the sub-agent has
+no follower, no remembered sub-agent of its own, and no turn running on it or on a thread above
+it (checked when a Session closes and when a turn completes on it or above it), so a long-lived
+broker does not grow.
+
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
 per value, so a big message holds the loop briefly), then routed. Bad input
@@ -46,6 +65,8 @@ log = logging.getLogger("codex_broker.proxy")
 # Kinds of requests the proxy sends to the app-server.
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
 _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
+# Routed off the hot path: turns begin and end, and items can link sub-agents to their parent.
+_SLOW_NOTIFICATIONS = _TRACKED_NOTIFICATIONS | jsonrpc.LINEAGE_METHODS
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
 # An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
 # a client message this big is routed in a turn of the loop after the one that read it.
@@ -109,7 +130,9 @@ class Hub:
         self._server_ids = itertools.count(1)
         self.sessions: dict[str, Session] = {}
         self.pending: dict[int, Pending] = {}
-        self.threads: dict[str, set[Session]] = {}
+        self.threads: dict[str, set[Session]] = {}  # a thread's followers (its ancestors' too)
+        self.parents: dict[str, str] = {}  # sub-agent thread -> the thread that spawned it
+        self.children: dict[str, set[str]] = {}  # thread -> the sub-agents it spawned
         self.turns: dict[tuple[str, str], Turn] = {}
         self.server_requests: dict[int, ServerRequest] = {}
         self._pending_work = 0
@@ -206,12 +229,16 @@ class Hub:
         if self.sessions.pop(session.id, None) is None:
             return
         session.end(Ending())
+        unfollowed = []
         for thread_id in session.threads:
             subscribers = self.threads.get(thread_id)
             if subscribers is not None:
                 subscribers.discard(session)
                 if not subscribers:
                     del self.threads[thread_id]
+                    unfollowed.append(thread_id)
+        for thread_id in unfollowed:
+            self._release(thread_id)
         self._abandon_server_requests(session)
         for turn in self.turns.values():
             if turn.owner is session:
@@ -241,9 +268,68 @@ class Hub:
         session.server_requests.clear()
 
     def _subscribe(self, session: Session, thread_id: str) -> None:
-        if session.open and thread_id not in session.threads:
-            session.threads.add(thread_id)
-            self.threads.setdefault(thread_id, set()).add(session)
+        """The Session follows the thread and its sub-agents (a Session that follows a thread
+        already follows all its sub-agents: subscriptions only ever propagate down)."""
+        if not session.open or thread_id in session.threads:
+            return
+        stack = [thread_id]
+        while stack:
+            thread_id = stack.pop()
+            if thread_id not in session.threads:
+                session.threads.add(thread_id)
+                self.threads.setdefault(thread_id, set()).add(session)
+                stack.extend(self.children.get(thread_id, ()))
+
+    # -- sub-agents ----------------------------------------------------------------------
+    def _adopt(self, child: str, parent: str) -> None:
+        """``child`` is a sub-agent of ``parent``: its messages go to the parent's followers.
+        The first link wins; one that would make a thread its own ancestor is refused."""
+        if child in self.parents:
+            return
+        ancestor: str | None = parent
+        while ancestor is not None:
+            if ancestor == child:
+                log.warning("sub-agent link %s -> %s refused: it would close a cycle", child, parent)
+                return
+            ancestor = self.parents.get(ancestor)
+        self.parents[child] = parent
+        self.children.setdefault(parent, set()).add(child)
+        for session in list(self.threads.get(parent, ())):
+            self._subscribe(session, child)
+
+    def _running(self, thread_id: str) -> bool:
+        """Whether a turn runs on the thread or on a thread above it (a Session that resumes
+        the root mid-turn still gets the sub-agents that turn spawned)."""
+        running = {key[0] for key in self.turns}
+        ancestor: str | None = thread_id
+        while ancestor is not None:
+            if ancestor in running:
+                return True
+            ancestor = self.parents.get(ancestor)
+        return False
+
+    def _release(self, thread_id: str) -> None:
+        """Forgets a sub-agent that no Session follows, that has no remembered sub-agent and
+        on which, or above which, no turn runs; then its parent by the same rule, and so on up."""
+        while (thread_id in self.parents and thread_id not in self.threads
+               and thread_id not in self.children and not self._running(thread_id)):
+            parent = self.parents.pop(thread_id)
+            siblings = self.children[parent]
+            siblings.discard(thread_id)
+            if siblings:
+                return
+            del self.children[parent]
+            thread_id = parent
+
+    def _release_tree(self, thread_id: str) -> None:
+        """``_release`` for a thread's sub-agents, deepest first, then for the thread."""
+        order, stack = [], [thread_id]
+        while stack:
+            current = stack.pop()
+            order.append(current)
+            stack.extend(self.children.get(current, ()))
+        for current in reversed(order):
+            self._release(current)
 
     # -- from a client -------------------------------------------------------------------
     async def receive(self, session: Session, data: bytes) -> None:
@@ -420,7 +506,7 @@ class Hub:
                 continue
             if type(msg) is dict:
                 method = msg.get("method")
-                if type(method) is str and "id" not in msg and method not in _TRACKED_NOTIFICATIONS:
+                if type(method) is str and "id" not in msg and method not in _SLOW_NOTIFICATIONS:
                     params = msg.get("params")
                     thread_id = params.get("threadId") if type(params) is dict else None
                     if type(thread_id) is str and thread_id:
@@ -460,7 +546,9 @@ class Hub:
             else:
                 turn = params.get("turn") if method in _TRACKED_NOTIFICATIONS and type(params) is dict else None
                 turn_id = turn.get("id") if isinstance(turn, dict) else None
-                self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line)
+                spawned = jsonrpc.spawned_threads(method, params) if method in jsonrpc.LINEAGE_METHODS else []
+                self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line,
+                                   spawned)
         elif "id" in msg and ("result" in msg or "error" in msg):
             self._response_line(line, None, msg["id"], lambda: _result_facts(msg.get("result")))
         else:
@@ -484,7 +572,8 @@ class Hub:
             if "id" in members:
                 self._server_request(line, members, method, thread_id)
             else:
-                self._notification(method, thread_id, turn_id, line)
+                self._notification(method, thread_id, turn_id, line,
+                                   jsonrpc.spawned_threads_raw(method, members.get("params")))
         elif "id" in members and ("result" in members or "error" in members):
             raw_id = members["id"]
             proxy_id = jsonrpc.value(raw_id) if jsonrpc.request_id(raw_id) is not None else None
@@ -591,7 +680,15 @@ class Hub:
             self._maybe_finish(turn.owner)
         self._on_change()
 
-    def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes) -> None:
+    def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes,
+                      spawned: list[tuple[str, str]]) -> None:
+        """``spawned``: the sub-agent links the notification names (jsonrpc.spawned_threads),
+        made before it is delivered; a thread/started that names its parent goes to the
+        sub-agent's followers, that is its parent's."""
+        for child, parent in spawned:
+            self._adopt(child, parent)
+        if spawned and method == "thread/started":
+            thread_id = spawned[0][0]
         text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)
         targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
         for session in list(targets):
@@ -604,6 +701,7 @@ class Hub:
     def _track_turn(self, method: str, thread_id: str, turn_id: str) -> None:
         if method == "turn/completed":
             self._end_turn(thread_id, turn_id)
+            self._release_tree(thread_id)
             return
         owner = None
         if (thread_id, turn_id) not in self.turns:
@@ -656,6 +754,8 @@ class Hub:
                 item.session.push(error_response(item.client_id, error))
         self.turns.clear()
         self.server_requests.clear()
+        self.parents.clear()
+        self.children.clear()
         for session in list(self.sessions.values()):
             session.end(Ending(EndReason.APP_SERVER_GONE, why))
         self._on_change()

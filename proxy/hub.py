@@ -22,7 +22,11 @@ that would close a cycle is refused. Subscriptions propagate down: whoever follo
 follows its sub-agents, nested ones included, both when the sub-agent is linked and when a Session
 subscribes later (thread/resume of the parent). So ``threads[child]`` already holds the parent's
 Sessions, and notifications and server requests of a sub-agent are routed like any other thread's,
-on the same hot path, to no one else's client. A ``thread/started`` that names its parent goes to
+on the same hot path, to no one else's client. The sub-agent's first messages can come before
+the item that links it (codex 0.169 runs the sub-agent while the collab call completes): the last
+messages no Session followed are kept in a small ring (``ORPHAN_MESSAGES``/``ORPHAN_BYTES``),
+and a thread's are delivered, in their order, to its followers when it is linked, before the
+linking item itself. A ``thread/started`` that names its parent goes to
 that parent's followers; one that names none (codex writes the sub-agent's thread/started before
 the collab item that links it) has no thread to route by and goes to every Session, as any message
 without a threadId does. A sub-agent's turns are tracked like any turn (in flight until
@@ -45,6 +49,7 @@ end maps to its own terms (service.py: gRPC statuses)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -72,6 +77,9 @@ STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests
 # a client message this big is routed in a turn of the loop after the one that read it.
 LARGE_LINE = 1 << 20
 YIELD_SECONDS = 0.001
+# The last notifications no Session followed, kept for a sub-agent linked just after them.
+ORPHAN_MESSAGES = 256
+ORPHAN_BYTES = 1 << 20
 
 
 # What a result hands its requester: thread ids to follow, the review thread, the turn id.
@@ -133,6 +141,8 @@ class Hub:
         self.threads: dict[str, set[Session]] = {}  # a thread's followers (its ancestors' too)
         self.parents: dict[str, str] = {}  # sub-agent thread -> the thread that spawned it
         self.children: dict[str, set[str]] = {}  # thread -> the sub-agents it spawned
+        self._orphans: collections.deque[tuple[str, str, bytes]] = collections.deque()  # thread, method, line
+        self._orphan_bytes = 0
         self.turns: dict[tuple[str, str], Turn] = {}
         self.server_requests: dict[int, ServerRequest] = {}
         self._pending_work = 0
@@ -296,6 +306,32 @@ class Hub:
         self.children.setdefault(parent, set()).add(child)
         for session in list(self.threads.get(parent, ())):
             self._subscribe(session, child)
+        self._deliver_orphans(child)
+
+    def _keep_orphan(self, thread_id: str, method: str, line: bytes) -> None:
+        """A notification no Session follows, kept in the bounded ring of the last ones."""
+        if len(line) > ORPHAN_BYTES:
+            return
+        self._orphans.append((thread_id, method, line))
+        self._orphan_bytes += len(line)
+        while len(self._orphans) > ORPHAN_MESSAGES or self._orphan_bytes > ORPHAN_BYTES:
+            self._orphan_bytes -= len(self._orphans.popleft()[2])
+
+    def _deliver_orphans(self, thread_id: str) -> None:
+        """The kept notifications of a thread just linked go to its followers, in order."""
+        if not any(entry[0] == thread_id for entry in self._orphans):
+            return
+        kept: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        targets = list(self.threads.get(thread_id, ()))
+        for entry in self._orphans:
+            if entry[0] != thread_id:
+                kept.append(entry)
+                continue
+            self._orphan_bytes -= len(entry[2])
+            for session in targets:
+                if entry[1] not in session.opt_out:
+                    session.push(entry[2])
+        self._orphans = kept
 
     def _running(self, thread_id: str) -> bool:
         """Whether a turn runs on the thread or on a thread above it (a Session that resumes
@@ -691,6 +727,8 @@ class Hub:
             thread_id = spawned[0][0]
         text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)
         targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
+        if not targets and thread_id is not None and thread_id not in self.parents:
+            self._keep_orphan(thread_id, method, line)
         for session in list(targets):
             if method not in session.opt_out:
                 session.push(text)
@@ -756,6 +794,8 @@ class Hub:
         self.server_requests.clear()
         self.parents.clear()
         self.children.clear()
+        self._orphans.clear()
+        self._orphan_bytes = 0
         for session in list(self.sessions.values()):
             session.end(Ending(EndReason.APP_SERVER_GONE, why))
         self._on_change()

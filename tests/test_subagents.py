@@ -13,6 +13,7 @@ from typing import Any
 from conftest import SessionClient, aio_channel, notifications, run, status
 from test_hub_routing import Harness, drain, line, note
 
+from proxy import hub as hub_module
 from proxy import jsonrpc
 
 
@@ -62,6 +63,32 @@ def test_a_sub_agents_messages_reach_only_the_session_whose_turn_spawned_it():
         ("turn/completed", "sub-1")]
     # the parentless thread/started has no thread to route by: every Session, as before
     assert summary(drain(other)) == [("thread/started", "sub-1"), ("item/agentMessage/delta", "thr-o")]
+
+
+def test_a_sub_agents_messages_before_the_item_that_links_it_reach_the_spawner_in_order():
+    """codex 0.169's order: the collab item starts with no receiver, the sub-agent runs, and
+    only the item's completion names it; no thread/started for it at all."""
+    h = Harness()
+    mine, other = h.session_on("thr-p"), h.session_on("thr-o")
+    h.hub.from_app_server_lines([turn("turn/started", "thr-p", "turn-thr-p"), collab("thr-p", []),
+                                 note("thread/status/changed", "sub-1", status={"type": "active"}),
+                                 turn("turn/started", "sub-1", "st1"), delta("thr-o", "o"), delta("sub-1", "early")])
+    assert ("sub-1", "st1") in h.hub.turns
+    assert summary(drain(mine)) == [("turn/started", "thr-p"), ("item/started", "thr-p")]
+    h.hub.from_app_server_lines([collab("thr-p", ["sub-1"], method="item/completed"), delta("sub-1", "late")])
+    assert summary(drain(mine)) == [("thread/status/changed", "sub-1"), ("turn/started", "sub-1"),
+                                    ("item/agentMessage/delta", "sub-1"), ("item/completed", "thr-p"),
+                                    ("item/agentMessage/delta", "sub-1")]
+    assert summary(drain(other)) == [("item/agentMessage/delta", "thr-o")]
+    assert not any(entry[0] == "sub-1" for entry in h.hub._orphans)
+
+
+def test_notifications_no_session_follows_are_kept_only_up_to_the_ring_bound():
+    h = Harness()
+    h.hub.from_app_server_lines([delta(f"gone-{i % 7}", "x" * 100) for i in range(5000)])
+    assert len(h.hub._orphans) == hub_module.ORPHAN_MESSAGES
+    h.hub.from_app_server_lines([delta("gone-big", "y" * (hub_module.ORPHAN_BYTES // 3)) for _ in range(5)])
+    assert h.hub._orphan_bytes == sum(len(entry[2]) for entry in h.hub._orphans) <= hub_module.ORPHAN_BYTES
 
 
 def test_nested_sub_agents_reach_the_root_threads_session():

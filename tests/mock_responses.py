@@ -37,7 +37,8 @@ request's ``input`` and read ``key=value`` directives from it:
   ``multi_agent_v1`` namespace codex 0.169 advertises), so codex spawns a sub-agent thread.
   Its task is ``sub-agent task reply=W deltas=N`` with W = ``subreply`` (default ``sub``)
   and N = ``subdeltas`` (default 2): the sub-agent's own turn gets the normal text reply.
-  The follow-up request of the spawning turn gets the normal text reply.
+  The follow-up request of the spawning turn gets the normal text reply. ``subapprove=1``
+  adds ``approve=1`` to the task: the sub-agent's turn asks for a command approval.
 
 Tests can also script replies: :meth:`MockResponses.enqueue_text`,
 :meth:`~MockResponses.enqueue_shell_call`, :meth:`~MockResponses.enqueue_events`,
@@ -515,6 +516,8 @@ class MockResponses:
             return self.shell_call_reply(body, d.get("cmd", DEFAULT_APPROVAL_COMMAND).replace("+", " "))
         if d.get("spawn") == "1" and not has_tool_output_after_last_user(body):
             task = f"sub-agent task reply={d.get('subreply', 'sub')} deltas={_int(d.get('subdeltas'), 2)}"
+            if d.get("subapprove") == "1":
+                task += " approve=1"
             return self.spawn_agent_reply(body, task)
         word, deltas, delay = _text_plan(text)
         return self.text_reply([word] * deltas, delay)

@@ -4,8 +4,9 @@ Session whose turn spawned it and no other Session of the same broker.
 
 What codex 0.169 writes for it (see tests/codex_protocol_notes.md): on the parent thread an
 ``item/started`` collabAgentToolCall with no receivers yet, then its ``item/completed`` naming the
-sub-agent in ``receiverThreadIds``; no thread/started for the sub-agent; then the sub-agent's own
-turn, which may end after the parent's."""
+sub-agent in ``receiverThreadIds`` (the sub-agent's first messages can come before it); no
+thread/started for the sub-agent; then the sub-agent's own turn, which may end after the parent's
+and here asks for a command approval on its own thread."""
 from __future__ import annotations
 
 from typing import Any
@@ -60,14 +61,28 @@ def test_real_codex_sub_agent_reaches_the_spawning_session_and_not_a_bystander(w
     thread_s = spawner.request("thread/start", {"cwd": str(world.workspace)}, timeout=30)["thread"]["id"]
     thread_b = bystander.request("thread/start", {"cwd": str(world.workspace)}, timeout=30)["thread"]["id"]
 
-    turn_s = start_turn(spawner, thread_s, "delegate spawn=1 subreply=sub subdeltas=3 reply=top deltas=1")
+    turn_s = start_turn(spawner, thread_s, "delegate spawn=1 subapprove=1 subreply=sub subdeltas=3 reply=top deltas=1")
     seen: list[dict[str, Any]] = []
-    parent = spawner.follow_turn(thread_s, turn_s, timeout=60, on_message=seen.append)
+    asked: list[dict[str, Any]] = []
+
+    def accept(request: dict[str, Any]) -> Any:
+        asked.append(request)
+        return {"decision": "accept"}
+
+    parent = spawner.follow_turn(thread_s, turn_s, timeout=60, on_message=seen.append, on_server_request=accept)
     assert parent["status"] == "completed" and agent_text(parent) == "top"
     (sub,) = spawned(seen)
     if not any(m.get("method") == "turn/completed" and m["params"]["threadId"] == sub for m in seen):
-        child = spawner.follow_turn(sub, timeout=60, on_message=seen.append)  # it may end after its parent
-        assert child["status"] == "completed" and agent_text(child) == "sub" * 3
+        # the sub-agent's turn may end after its parent's
+        spawner.follow_turn(sub, timeout=60, on_message=seen.append, on_server_request=accept)
+    (child,) = [m["params"]["turn"] for m in seen if m.get("method") == "turn/completed"
+                and m["params"]["threadId"] == sub]
+    assert child["status"] == "completed", child
+    # the sub-agent's command approval was asked of the spawner, on the sub-agent's thread
+    assert [(r["method"], r["params"]["threadId"]) for r in asked] == [("item/commandExecution/requestApproval", sub)]
+    commands = [m["params"]["item"] for m in seen if m.get("method") == "item/completed"
+                and m["params"]["item"].get("type") == "commandExecution"]
+    assert [(c["status"], c["exitCode"]) for c in commands] == [("completed", 0)], commands
 
     assert [m["params"]["delta"] for m in seen if m.get("method") == DELTA and m["params"]["threadId"] == sub] \
         == ["sub"] * 3

@@ -14,26 +14,28 @@ Session sees messages in exactly the order the app-server wrote them.
 
 Sub-agents. A turn can spawn sub-agent threads, whose messages carry their own thread id, which
 no client asked for. The hub remembers which thread spawned which (``parents``/``children``,
-filled by ``jsonrpc.spawned_threads``): from the spawning thread's ``collabAgentToolCall`` item
-(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent), and from a
-``thread/started`` whose thread names its parent (``parentThreadId``, or
-``source.subAgent.thread_spawn.parent_thread_id``). The first link of a thread wins, and a link
-that would close a cycle is refused. Subscriptions propagate down: whoever follows a thread also
-follows its sub-agents, nested ones included, both when the sub-agent is linked and when a Session
-subscribes later (thread/resume of the parent). So ``threads[child]`` already holds the parent's
-Sessions, and notifications and server requests of a sub-agent are routed like any other thread's,
-on the same hot path, to no one else's client. The sub-agent's first messages can come before
-the item that links it (codex 0.169 runs the sub-agent while the collab call completes): the last
-messages no Session followed are kept in a small ring (``ORPHAN_MESSAGES``/``ORPHAN_BYTES``),
-and a thread's are delivered, in their order, to its followers when it is linked, before the
-linking item itself. A ``thread/started`` that names its parent goes to
-that parent's followers; one that names none (codex writes the sub-agent's thread/started before
-the collab item that links it) has no thread to route by and goes to every Session, as any message
-without a threadId does. A sub-agent's turns are tracked like any turn (in flight until
-turn/completed), whether or not a Session follows it. A link is forgotten once the sub-agent has
-no follower, no remembered sub-agent of its own, and no turn running on it or on a thread above
-it (checked when a Session closes and when a turn completes on it or above it), so a long-lived
-broker does not grow.
+read by ``jsonrpc.spawned_threads``): from the spawning thread's ``collabAgentToolCall`` item
+(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent; item/started and
+item/completed, which therefore leave the hot path), and from a ``thread/started`` whose thread
+names its parent (``parentThreadId``, or ``source.subAgent.thread_spawn.parent_thread_id``). The
+first link of a thread wins; a link that would close a cycle is refused. Subscriptions propagate
+down: whoever follows a thread follows its sub-agents, nested ones included, both when a
+sub-agent is linked and when a Session subscribes later (thread/resume of the parent). So
+``threads[child]`` already holds the parent's Sessions: a sub-agent's notifications and server
+requests are routed like any thread's, on the same hot path, and reach no other client.
+- Order. A sub-agent's first messages can come before the item that links it (codex 0.169 names
+  the sub-agent only when the spawn item completes, while the sub-agent already runs): the last
+  notifications no Session followed are kept in a bounded ring (``ORPHAN_MESSAGES``,
+  ``ORPHAN_BYTES``), and a thread's are delivered in order to its followers when it is linked,
+  before the linking item. A ``thread/started`` that names its parent goes to that parent's
+  followers; one that names none (a client's fake writes it before the collab item) has no
+  thread to route by and goes to every Session, as any message without a threadId does.
+- Turns. A sub-agent's turns are tracked like any turn (in flight until turn/completed) whether
+  or not a Session follows it, and belong to the Session whose running turn above it spawned it
+  (a half-closed Session ends after its sub-agents' turns too).
+- Memory. A link is forgotten once the sub-agent has no follower, no remembered sub-agent of its
+  own, and no turn running on it or on a thread above it (checked when a Session closes and when
+  a turn completes on it or above it), so a long-lived broker does not grow.
 
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
@@ -307,6 +309,21 @@ class Hub:
         for session in list(self.threads.get(parent, ())):
             self._subscribe(session, child)
         self._deliver_orphans(child)
+        owner = self._owner_above(child)
+        if owner is not None:  # a turn the sub-agent began before the link
+            for key in [key for key in self.turns if key[0] == child]:
+                self._begin_turn(child, key[1], owner)
+
+    def _owner_above(self, thread_id: str) -> Session | None:
+        """The Session whose running turn, on a thread above this sub-agent, spawned it: it
+        owns the sub-agent's turns too (its half-close waits for them)."""
+        ancestor = self.parents.get(thread_id)
+        while ancestor is not None:
+            for (thread, _), turn in self.turns.items():
+                if thread == ancestor and turn.owner is not None and turn.owner.open:
+                    return turn.owner
+            ancestor = self.parents.get(ancestor)
+        return None
 
     def _keep_orphan(self, thread_id: str, method: str, line: bytes) -> None:
         """A notification no Session follows, kept in the bounded ring of the last ones."""
@@ -748,6 +765,8 @@ class Hub:
                     owner = session
                     self._unannounce(session, thread_id)
                     break
+        if owner is None and thread_id in self.parents:
+            owner = self._owner_above(thread_id)
         self._begin_turn(thread_id, turn_id, owner)
         self._on_change()
 

@@ -44,6 +44,8 @@ def spawn_in_codex_order(parent: str, child: str) -> list[bytes]:
 def summary(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     out = []
     for m in messages:
+        if "method" not in m:
+            continue  # a response
         params = m.get("params", {})
         out.append((m["method"], params.get("threadId") or params.get("thread", {}).get("id")))
     return out
@@ -289,3 +291,20 @@ def test_a_sub_agents_running_turn_is_in_flight_in_the_brokers_status(broker):
     busy, parent, sub, idle = run(main())
     assert {thread for thread, _ in busy} == {parent, sub}
     assert idle == set()
+
+
+def test_a_half_closed_spawner_ends_only_after_its_sub_agents_turn_completes():
+    h = Harness()
+    mine = h.session_on("thr-p")
+    h.from_client(mine, {"id": 3, "method": "turn/start", "params": {"threadId": "thr-p", "input": []}})
+    h.hub.from_app_server_lines([line({"id": h.sent[-1]["id"], "result": {"turn": {"id": "turn-thr-p"}}})])
+    h.hub.from_app_server_lines([collab("thr-p", []), turn("turn/started", "sub-1", "st1"),
+                                 collab("thr-p", ["sub-1"], method="item/completed"),
+                                 thread_started("sub-2", parentThreadId="sub-1"), turn("turn/started", "sub-2", "st2")])
+    assert h.hub.turns[("sub-1", "st1")].owner is mine and h.hub.turns[("sub-2", "st2")].owner is mine
+    h.hub.half_close(mine)
+    h.hub.from_app_server_lines([turn("turn/completed", "thr-p", "turn-thr-p"), turn("turn/completed", "sub-1", "st1")])
+    assert mine.open  # the nested sub-agent still runs
+    h.hub.from_app_server_lines([delta("sub-2", "last"), turn("turn/completed", "sub-2", "st2")])
+    assert not mine.open
+    assert summary(drain(mine))[-2:] == [("item/agentMessage/delta", "sub-2"), ("turn/completed", "sub-2")]

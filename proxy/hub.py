@@ -15,8 +15,8 @@ Session sees messages in exactly the order the app-server wrote them.
 Sub-agents. A turn can spawn sub-agent threads, whose messages carry their own thread id, which
 no client asked for. The hub remembers which thread spawned which (``parents``/``children``,
 read by ``jsonrpc.spawned_threads``): from the spawning thread's ``collabAgentToolCall`` item
-(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent; item/started and
-item/completed, which therefore leave the hot path), and from a ``thread/started`` whose thread
+(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent; such an
+item/started or item/completed leaves the hot path), and from a ``thread/started`` whose thread
 names its parent (``parentThreadId``, or ``source.subAgent.thread_spawn.parent_thread_id``). The
 first link of a thread wins; a link that would close a cycle is refused. Subscriptions propagate
 down: whoever follows a thread follows its sub-agents, nested ones included, both when a
@@ -72,8 +72,19 @@ log = logging.getLogger("codex_broker.proxy")
 # Kinds of requests the proxy sends to the app-server.
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
 _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
-# Routed off the hot path: turns begin and end, and items can link sub-agents to their parent.
+# Routed off the hot path: turns begin and end, a thread/started can name its parent, and an
+# item/started or item/completed can link sub-agents (only a collabAgentToolCall item leaves it).
 _SLOW_NOTIFICATIONS = _TRACKED_NOTIFICATIONS | jsonrpc.LINEAGE_METHODS
+_ITEM_NOTIFICATIONS = frozenset({"item/started", "item/completed"})
+
+
+def _plain_item(method: str, msg: dict[str, Any]) -> bool:
+    """An item notification that cannot link a sub-agent (its item is no collab call)."""
+    if method not in _ITEM_NOTIFICATIONS:
+        return False
+    params = msg.get("params")
+    item = params.get("item") if type(params) is dict else None
+    return type(item) is dict and item.get("type") != "collabAgentToolCall"
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
 # An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
 # a client message this big is routed in a turn of the loop after the one that read it.
@@ -559,7 +570,8 @@ class Hub:
                 continue
             if type(msg) is dict:
                 method = msg.get("method")
-                if type(method) is str and "id" not in msg and method not in _SLOW_NOTIFICATIONS:
+                if type(method) is str and "id" not in msg and (method not in _SLOW_NOTIFICATIONS
+                                                                or _plain_item(method, msg)):
                     params = msg.get("params")
                     thread_id = params.get("threadId") if type(params) is dict else None
                     if type(thread_id) is str and thread_id:

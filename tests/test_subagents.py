@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from conftest import SessionClient, aio_channel, notifications, run, status
+from harness import SessionClient, aio_channel, notifications, run, status
 from test_hub_routing import Harness, drain, line, note
 
 from proxy import hub as hub_module

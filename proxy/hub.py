@@ -185,8 +185,12 @@ class Hub:
         return await future
 
     # -- Sessions ------------------------------------------------------------------------
-    def open_session(self) -> Session:
-        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow)
+    def open_session(self, *, transport: str = "grpc",
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR) -> Session:
+        """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
+        work gets while the broker drains (each front end has its own code)."""
+        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
+                          transport=transport, draining_error=draining_error)
         self.sessions[session.id] = session
         self._on_change()
         return session
@@ -302,7 +306,7 @@ class Hub:
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
             # Once stopping, a request would reach the app-server and its response be lost
             # with the Session: refuse it, so that a retry is safe.
-            session.push(error_response(client_id, jsonrpc.DRAINING_ERROR))
+            session.push(error_response(client_id, session.draining_error))
             return
         if self.overloaded():
             session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))

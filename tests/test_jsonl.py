@@ -3,16 +3,12 @@ and a companion-like client's whole life (connect-only check, initialize, thread
 broker/shutdown, SIGTERM to the process group)."""
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
-import signal
 import socket
-import stat
 
 import pytest
-from conftest import WAIT, aio_channel, is_turn_completed, run, short_dir, status, status_until
+from conftest import WAIT, aio_channel, run, short_dir, status_until, wait_for
 from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
 
 from protos import broker_pb2
@@ -47,3 +43,122 @@ def test_jsonl_session_initializes_from_the_cache_and_runs_a_turn(jb):
             assert not any(m.get("error") for m in c.messages)
 
     run(main())
+
+
+# -- framing ----------------------------------------------------------------------------
+def test_crlf_lines_are_read_and_blank_lines_ignored(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            await c.send_bytes(b"\n\r\n   \n\t\r\n")
+            await c.send_bytes(b'{"id": 7, "method": "fake/echo", "params": {"x": 1}}\r\n')
+            await c.send_bytes(b'\n{"id": 8, "method": "fake/echo", "params": {"y": 2}}\n\n')
+            first = await c.next()
+            second = await c.next()
+            assert first == {"id": 7, "result": {"params": {"x": 1}}}
+            assert second == {"id": 8, "result": {"params": {"y": 2}}}
+            assert len(c.messages) == 2  # the blank lines got nothing
+
+    run(main())
+
+
+@pytest.mark.parametrize("text, code", [(b"this is not json{", -32700), (b'{"id": 1, "x": ', -32700),
+                                        (b"[1, 2]", -32600), (b'"a string"', -32600), (b"\xff\xfe{}", -32700)])
+def test_bad_line_gets_one_error_with_null_id_and_the_connection_stays_open(jb, text, code):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            await c.send_bytes(text + b"\n")
+            error = await c.next()
+            assert error["id"] is None and error["error"]["code"] == code, error
+            assert await c.result("fake/echo", {"ok": True}) == {"params": {"ok": True}}
+            assert len(c.messages) == 2
+
+    run(main())
+
+
+def test_line_over_64_mib_is_skipped_with_one_invalid_request_and_the_connection_stays_open(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            big = b'{"id": 1, "method": "fake/echo", "params": {"s": "' + b"x" * (64 << 20) + b'"}}\n'
+            await c.send_bytes(big)
+            await c.send_bytes(b'{"id": 2, "method": "fake/echo", "params": {"after": true}}\n')
+            error = await c.next()
+            assert error["id"] is None and error["error"]["code"] == -32600, error
+            assert "line longer than" in error["error"]["message"]
+            assert await c.next() == {"id": 2, "result": {"params": {"after": True}}}
+            assert len(c.messages) == 2  # the big line's own id got nothing
+        assert b.health() == 1
+
+    run(main())
+
+
+def test_http2_preface_from_a_grpc_client_ends_the_connection_quietly(jb):
+    b, path = jb()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WAIT)
+        s.connect(path)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data == b""  # closed, and nothing written: not even an error line
+    assert b.status().state == broker_pb2.BROKER_STATE_SERVING
+
+
+def test_connect_and_close_at_once_is_harmless(jb):
+    b, path = jb()
+    for _ in range(20):
+        assert connect_only(path) == b""
+    st = b.status()
+    assert st.state == broker_pb2.BROKER_STATE_SERVING and st.open_sessions == 0
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            await c.initialize()
+            assert await c.result("fake/echo", {"n": 1}) == {"params": {"n": 1}}
+
+    run(main())
+
+
+def test_half_close_with_a_turn_running_closes_the_connection_at_once_and_the_turn_keeps_running(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c, aio_channel(b) as channel:
+            await c.initialize()
+            thread = await c.start_thread()
+            turn = await c.start_turn(thread, "deltas=5 seconds=300")
+            slow = await c.send_request("fake/slow", {"seconds": 300})
+            await c.done_writing()
+            assert await c.wait_end() == "closed"
+            assert isinstance(slow.exception(), AssertionError)  # dropped, never answered
+            st = await status_until(channel, lambda st: st.open_sessions == 0)
+            assert [(t.thread_id, t.turn_id) for t in st.in_flight_turns] == [(thread, turn)]
+            assert st.state == broker_pb2.BROKER_STATE_SERVING
+
+    run(main())
+
+
+def test_client_that_stops_reading_gets_one_overloaded_line_at_a_message_boundary_then_close(jb):
+    b, path = jb("--session-buffer", "65536")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(WAIT)
+        s.connect(path)
+        for i in range(6):
+            s.sendall(json.dumps({"id": i, "method": "fake/big", "params": {"bytes": 2_000_000}}).encode() + b"\n")
+        wait_for(lambda: b.status().open_sessions == 0, what="the Session to be dropped while not reading")
+        data = b""
+        while chunk := s.recv(1 << 20):  # to the end: the broker closed
+            data += chunk
+    assert data.endswith(b"\n")
+    lines = [json.loads(line) for line in data.split(b"\n")[:-1]]
+    assert lines[-1] == {"id": None, "error": {"code": -32001, "message": "Server overloaded; retry later."}}
+    answered = lines[:-1]
+    assert len(answered) < 6 and all(m["result"]["data"] == "x" * 2_000_000 for m in answered)
+    assert b.status().state == broker_pb2.BROKER_STATE_SERVING

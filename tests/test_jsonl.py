@@ -3,12 +3,28 @@ and a companion-like client's whole life (connect-only check, initialize, thread
 broker/shutdown, SIGTERM to the process group)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
+import stat
 
 import pytest
-from conftest import WAIT, aio_channel, run, short_dir, status_until, wait_for
+from conftest import (
+    WAIT,
+    SessionClient,
+    aio_channel,
+    fake_command,
+    new_marker,
+    run,
+    run_serve,
+    short_dir,
+    status,
+    status_until,
+    wait_for,
+)
 from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
 
 from protos import broker_pb2
@@ -162,3 +178,156 @@ def test_client_that_stops_reading_gets_one_overloaded_line_at_a_message_boundar
     answered = lines[:-1]
     assert len(answered) < 6 and all(m["result"]["data"] == "x" * 2_000_000 for m in answered)
     assert b.status().state == broker_pb2.BROKER_STATE_SERVING
+
+
+# -- broker/shutdown and draining ----------------------------------------------------------
+DRAINING_JSONL = {"code": -32001, "message": "Server is draining; retry after reconnecting",
+                  "data": {"reason": "serverShuttingDown"}}
+
+
+def test_broker_shutdown_is_answered_at_once_and_drains_turns_complete_then_exit_0(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as worker, await JsonlClient.open(path) as other, \
+                aio_channel(b) as channel:
+            await worker.initialize()
+            await other.initialize()
+            thread = await worker.start_thread()
+            turn = await worker.start_turn(thread, "deltas=20 seconds=2")
+            async with await JsonlClient.open(path) as stopper:
+                reply = await stopper.request("broker/shutdown", {}, id=1)
+                assert reply == {"id": 1, "result": {}}
+            st = await status(channel)
+            assert st.state == broker_pb2.BROKER_STATE_DRAINING
+            assert not await asyncio.to_thread(os.path.lexists, path)  # the next check spawns a broker
+            with pytest.raises(OSError):
+                connect_only(path)
+            # New work on a JSONL connection still open: -32001, the companion's cue to go direct.
+            refused = await other.request("thread/start", {"cwd": "/tmp"})
+            assert refused["error"] == DRAINING_JSONL
+            # A second broker/shutdown is one drain request: answered, the deadline unchanged.
+            again = await other.request("broker/shutdown", {})
+            assert again["result"] == {}
+            assert (await status(channel)).drain_deadline == st.drain_deadline
+            completed = await worker.turn_completed(thread, turn)
+            assert completed["params"]["turn"]["status"] == "completed"
+            await worker.close()
+            await other.close()
+        assert await asyncio.to_thread(b.wait_exit) == 0
+
+    run(main())
+
+
+def test_grpc_new_work_while_draining_keeps_32600_while_jsonl_gets_32001(jb):
+    b, path = jb()
+
+    async def main():
+        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlClient.open(path) as j:
+            await g.initialize()
+            await j.initialize()
+            thread = await g.start_thread()
+            await g.start_turn(thread, "deltas=5 seconds=300")  # holds the drain open
+            b.drain(600)
+            g_reply = await g.request("thread/start", {"cwd": "/tmp"})
+            j_reply = await j.request("thread/start", {"cwd": "/tmp"})
+            assert g_reply["error"]["code"] == -32600
+            assert j_reply["error"] == DRAINING_JSONL
+            assert await j.result("fake/echo", {"reads": "still served"}) == {"params": {"reads": "still served"}}
+
+    run(main())
+
+
+def test_broker_shutdown_never_shortens_a_drain_under_way(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c, aio_channel(b) as channel:
+            await c.initialize()
+            thread = await c.start_thread()
+            await c.start_turn(thread, "deltas=5 seconds=300")
+            b.drain(86400)
+            before = (await status(channel)).drain_deadline
+            assert (await c.request("broker/shutdown", {}))["result"] == {}
+            st = await status(channel)
+            assert st.drain_deadline == before and st.state == broker_pb2.BROKER_STATE_DRAINING
+
+    run(main())
+
+
+def test_any_drain_closes_the_jsonl_listener_while_grpc_still_reports_draining(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            await c.initialize()
+            thread = await c.start_thread()
+            await c.start_turn(thread, "deltas=5 seconds=300")  # holds the drain open
+            os.kill(b.pid, signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: not os.path.lexists(path), what="the JSONL path removed")
+            assert b.status().state == broker_pb2.BROKER_STATE_DRAINING
+            assert b.health() == 2  # NOT_SERVING, from the gRPC endpoint that stays up
+            # The open connection keeps being served.
+            assert await c.result("fake/echo", {"k": 1}) == {"params": {"k": 1}}
+
+    run(main())
+
+
+# -- Status, paths ---------------------------------------------------------------------------
+def test_status_counts_jsonl_sessions_and_names_each_sessions_transport(jb):
+    b, path = jb()
+
+    async def main():
+        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlClient.open(path) as j:
+            await g.initialize(name="grpc-client")
+            await j.initialize(name="jsonl-client", opt_out=["item/agentMessage/delta"])
+            st = await status(channel)
+            assert st.open_sessions == 2
+            by_name = {s.client_name: s for s in st.sessions}
+            assert by_name["grpc-client"].transport == "grpc"
+            assert by_name["jsonl-client"].transport == "jsonl"
+            assert list(by_name["jsonl-client"].opt_out_notification_methods) == ["item/agentMessage/delta"]
+
+    run(main())
+
+
+def test_jsonl_socket_is_created_0600_and_removed_at_exit(jb):
+    b, path = jb()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    b.drain(5)
+    assert b.wait_exit() == 0
+    assert not os.path.lexists(path)
+
+
+def test_a_jsonl_path_that_accepts_connections_is_refused_with_exit_2(tmp_path):
+    directory = short_dir()
+    try:
+        path = jsonl_path(directory)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen()
+            proc = run_serve("--endpoint", f"unix:{directory}/g/s.sock", *jsonl_flags(path),
+                             "--app-server", fake_command(marker=new_marker()))
+        assert proc.returncode == 2, proc.stderr
+        assert "already in use" in proc.stderr
+        assert not os.path.exists(f"{directory}/g")  # nothing left behind
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_stale_jsonl_socket_is_replaced(broker):
+    directory = short_dir()
+    try:
+        path = jsonl_path(directory)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+            stale.bind(path)  # bound, never listening: what a killed broker leaves
+        broker(*jsonl_flags(path))
+
+        async def main():
+            async with await JsonlClient.open(path) as c:
+                await c.initialize()
+                assert await c.result("fake/echo", {"fresh": True}) == {"params": {"fresh": True}}
+
+        run(main())
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -62,6 +62,7 @@ class BrokerSession:
     reused: bool
     verdict: str  # what ensure found: live, none, dead, aged, ...
     reason: str
+    jsonl_endpoint: str = ""  # the broker's JSONL front end; "" for one recorded without it
 
     def client(self) -> BrokerClient:
         return BrokerClient(self.endpoint)
@@ -73,7 +74,8 @@ class BrokerSession:
 def _session(record: BrokerRecord, decision: Decision) -> BrokerSession:
     return BrokerSession(endpoint=record.endpoint, pid=record.pid, instance_id=record.instance_id,
                          started_at=record.started_at, cwd=record.cwd, log_file=record.log_file,
-                         reused=decision.reuse, verdict=decision.verdict.name.lower(), reason=decision.reason)
+                         reused=decision.reuse, verdict=decision.verdict.name.lower(), reason=decision.reason,
+                         jsonl_endpoint=record.jsonl_endpoint)
 
 
 @dataclass(frozen=True)

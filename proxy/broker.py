@@ -107,6 +107,7 @@ class Broker:
         self._sigints = 0
         self._app_wedged = False  # the app-server stopped answering: stop it without the polite waits
         self._starting: asyncio.Task[None] | None = None
+        self._drain_asked = ""  # a client asked for a drain before the broker was SERVING
 
     # -- small facts ---------------------------------------------------------------------
     @property
@@ -183,6 +184,8 @@ class Broker:
             self._spawn(self.health.run(), "health")
             self._spawn(self._watch_app_server(), "app-server")
             self._spawn(self._idle_loop(), "idle")
+            if self._drain_asked:
+                self.drain(None, reason=self._drain_asked)
             serving = await self.health.publish()
             log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
                      self.app.pid if self.app else None, self.config.instance_id)
@@ -219,6 +222,8 @@ class Broker:
                 await self.reaper.stop_descendants()
             if self.jsonl is not None:
                 self.jsonl.stop()
+            if self.server is not None:
+                await self.server.stop(None)
             self.files.remove()
             raise
 
@@ -262,11 +267,6 @@ class Broker:
 
     async def _listen(self) -> None:
         cfg = self.config
-        jsonl_path = cfg.jsonl_socket_path
-        if jsonl_path is not None:  # first: its path may be taken (ConfigError) and nothing is up yet
-            self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
-                                     on_shutdown=self.request_drain)
-            await self.jsonl.start()
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", -1),
                    ("grpc.so_reuseport", 0),
@@ -299,6 +299,11 @@ class Broker:
             os.chmod(cfg.socket_path, 0o600)
         await server.start()
         self.server = server
+        jsonl_path = cfg.jsonl_socket_path
+        if jsonl_path is not None:  # its path may be taken: ConfigError, and _start stops gRPC again
+            self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
+                                     on_shutdown=self.request_drain)
+            await self.jsonl.start()
         self.files.write_pid()
 
     # -- events --------------------------------------------------------------------------
@@ -325,6 +330,8 @@ class Broker:
         never shortens."""
         if self.state == S.BROKER_STATE_SERVING:
             self.drain(None, reason=reason)
+        elif self.state == S.BROKER_STATE_STARTING:  # listening, not SERVING yet: drains once it is
+            self._drain_asked = self._drain_asked or reason
         else:
             log.info("%s while %s: the drain goes on", reason, self.state_name.lower())
 

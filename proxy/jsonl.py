@@ -56,6 +56,7 @@ WRITE_HIGH_WATER = 1 << 20  # bytes in the socket's buffer before writing waits
 CLOSE_GRACE = 10.0  # seconds a closed connection gets to flush its last lines before it is aborted
 HTTP2_PREFACE = b"PRI * HTTP/2"  # how a gRPC client's connection starts
 SHUTDOWN_METHOD = "broker/shutdown"
+_SHUTDOWN_BYTES = SHUTDOWN_METHOD.encode()  # lines without it are not looked at twice
 
 DRAINING_ERROR: dict[str, Any] = {
     "code": jsonrpc.OVERLOADED,  # the code on which a companion runs the work elsewhere
@@ -110,6 +111,7 @@ class Connection(asyncio.Protocol):
         self._lost = asyncio.Event()
         self._quiet = False  # not a JSONL client: nothing is written to it
         self._task: asyncio.Task[None] | None = None
+        self._finished = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,6 +120,8 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR)
         self._task = asyncio.create_task(self._serve(self.session), name=f"jsonl {self.session.id}")
+        # A task cancelled before it first runs (its Session dropped at once) skips its finally.
+        self._task.add_done_callback(lambda _: self._finish(self.session) if self.session else None)
         self.session.handler = self._task
         self.server.connections.add(self)
 
@@ -214,7 +218,7 @@ class Connection(asyncio.Protocol):
                 hub.refuse(session, jsonrpc.Refusal(jsonrpc.error(
                     jsonrpc.INVALID_REQUEST, f"Invalid request: line longer than {self.max_line} bytes")))
                 continue
-            if SHUTDOWN_METHOD.encode() in item and self._shutdown(session, item):
+            if _SHUTDOWN_BYTES in item and self._shutdown(session, item):
                 continue
             await hub.receive(session, item)
 
@@ -248,7 +252,6 @@ class Connection(asyncio.Protocol):
                 raise  # the broker is stopping
         finally:
             reader.cancel()
-            self.hub.close_session(session)
             self._finish(session)
 
     def _reader_done(self, session: Session, task: asyncio.Task[None]) -> None:
@@ -265,7 +268,11 @@ class Connection(asyncio.Protocol):
 
     def _finish(self, session: Session) -> None:
         """The Session is over: its ending's last line, if any, then the connection is closed
-        (aborted if it cannot flush within CLOSE_GRACE)."""
+        (aborted if it cannot flush within CLOSE_GRACE). Once only."""
+        if self._finished:
+            return
+        self._finished = True
+        self.hub.close_session(session)
         ending = session.ending
         if ending is not None and not ending.ok:
             error = _final_error(ending.reason, ending.details)

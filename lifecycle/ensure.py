@@ -38,6 +38,7 @@ from lifecycle.errors import BrokerError, CallTimeout, ConnectError, HealthTimeo
 from lifecycle.settings import Settings
 from lifecycle.spawn import app_server_command, finish_record, spawn_broker, wait_serving
 from lifecycle.state import BrokerRecord, HistoryEntry, WorkspaceState, state_root
+from proxy import contract
 
 log = logging.getLogger("codex_broker.lifecycle")
 
@@ -344,7 +345,7 @@ def remove_session_dir(record: BrokerRecord) -> None:
         return
     if st.st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
         return
-    for name in ("s.sock", "broker.pid"):
+    for name in contract.SESSION_FILES:
         try:
             (path / name).unlink()
         except FileNotFoundError:

@@ -331,3 +331,38 @@ def test_a_stale_jsonl_socket_is_replaced(broker):
         run(main())
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_app_server_exit_answers_pending_work_ends_jsonl_sessions_with_one_line_and_removes_the_path(jb):
+    b, path = jb()
+
+    async def main():
+        async with await JsonlClient.open(path) as c:
+            await c.initialize()
+            slow = await c.send_request("fake/slow", {"seconds": 300})
+            await c.send({"id": "bye", "method": "fake/exit", "params": {"code": 3}})
+            reply = await asyncio.wait_for(slow, WAIT)
+            assert reply["error"]["code"] == -32002
+            assert await c.wait_end() == "closed"
+            last = c.messages[-1]
+            assert last["id"] is None and last["error"]["code"] == -32002, last
+
+    run(main())
+    assert b.wait_exit() == 1
+    assert not os.path.lexists(path)
+
+
+@pytest.mark.parametrize("jsonl", ["same", "tcp:127.0.0.1:0", "relative-but-no-dir/x/broker.sock"])
+def test_a_bad_jsonl_endpoint_is_refused_with_exit_2(jsonl):
+    directory = short_dir()
+    try:
+        grpc_sock = f"{directory}/g/s.sock"
+        endpoint = f"unix:{grpc_sock}" if jsonl == "same" else jsonl if jsonl.startswith("tcp:") else \
+            f"unix:{directory}/{jsonl}"
+        proc = run_serve("--endpoint", f"unix:{grpc_sock}", "--jsonl-endpoint", endpoint,
+                         "--app-server", fake_command(marker=new_marker()))
+        assert proc.returncode == 2, proc.stderr
+        assert "codex-broker serve:" in proc.stderr
+        assert not os.path.exists(f"{directory}/g")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -22,7 +22,9 @@ JSON text exactly (see jsonrpc's envelopes). An exception out of ``route`` is a 
 broker's own: the front end ends the Session with ``EndReason.INTERNAL``.
 
 The hub knows no transport: a Session ends with a reason (proxy/session.py), which each front
-end maps to its own terms (service.py: gRPC statuses)."""
+end maps to its own terms (service.py: gRPC statuses; jsonl.py: a last error line), and the
+error new work gets while draining is the Session's own (``Session.draining_error``, set by
+its front end: -32600 over gRPC, -32001 over JSONL)."""
 from __future__ import annotations
 
 import asyncio

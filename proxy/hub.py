@@ -47,7 +47,9 @@ JSON text exactly (see jsonrpc's envelopes). An exception out of ``route`` is a 
 broker's own: the front end ends the Session with ``EndReason.INTERNAL``.
 
 The hub knows no transport: a Session ends with a reason (proxy/session.py), which each front
-end maps to its own terms (service.py: gRPC statuses)."""
+end maps to its own terms (service.py: gRPC statuses; jsonl.py: a last error line), and the
+error new work gets while draining is the Session's own (``Session.draining_error``, set by
+its front end: -32600 over gRPC, -32001 over JSONL)."""
 from __future__ import annotations
 
 import asyncio
@@ -231,8 +233,12 @@ class Hub:
         return await future
 
     # -- Sessions ------------------------------------------------------------------------
-    def open_session(self) -> Session:
-        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow)
+    def open_session(self, *, transport: str = "grpc",
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR) -> Session:
+        """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
+        work gets while the broker drains (each front end has its own code)."""
+        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
+                          transport=transport, draining_error=draining_error)
         self.sessions[session.id] = session
         self._on_change()
         return session
@@ -452,7 +458,7 @@ class Hub:
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
             # Once stopping, a request would reach the app-server and its response be lost
             # with the Session: refuse it, so that a retry is safe.
-            session.push(error_response(client_id, jsonrpc.DRAINING_ERROR))
+            session.push(error_response(client_id, session.draining_error))
             return
         if self.overloaded():
             session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))

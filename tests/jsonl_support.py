@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from conftest import WAIT, is_turn_completed
+from harness import WAIT, is_turn_completed
 
 JSONL_NAME = "broker.sock"  # as the companion names its socket in its own directory
 

@@ -12,7 +12,7 @@ import socket
 import stat
 
 import pytest
-from conftest import (
+from harness import (
     WAIT,
     SessionClient,
     aio_channel,

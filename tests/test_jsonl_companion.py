@@ -16,7 +16,7 @@ import sys
 import time
 
 import psutil
-from conftest import ROOT, WAIT, fake_command, new_marker, processes_with, run, short_dir, wait_gone
+from harness import ROOT, WAIT, fake_command, new_marker, processes_with, run, short_dir, wait_gone
 from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
 
 READY_WITHIN = 20.0  # the companion waits 2 s; a loaded test machine gets longer

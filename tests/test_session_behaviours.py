@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import WAIT, SessionClient, aio_channel, notifications, run, short_dir
+from harness import WAIT, SessionClient, aio_channel, notifications, run, short_dir
 from jsonl_support import JsonlClient, jsonl_flags, jsonl_path
 
 from protos import broker_pb2, broker_pb2_grpc

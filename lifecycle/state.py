@@ -96,6 +96,9 @@ class BrokerRecord:
     # Written by a spawn before it waits for SERVING (``started_at`` is then when the spawn
     # began); cleared when the broker is ready. An ensure killed mid-spawn leaves it set.
     starting: bool = False
+    # The max age the broker was spawned with (serve --max-age-hours), in seconds; None in a
+    # record written before brokers were given one.
+    max_age_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps``."""
@@ -127,6 +130,9 @@ class BrokerRecord:
         if not isinstance(starting, bool):
             raise ValueError(f"field 'starting' must be true or false, got {starting!r}")
         fields["starting"] = starting
+        fields["max_age_seconds"] = (
+            None if data.get("max_age_seconds") is None else _require_float(data, "max_age_seconds")
+        )
         return cls(**fields)
 
 

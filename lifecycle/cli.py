@@ -187,6 +187,8 @@ def _exit_when_wedged(status: Any) -> str:
     if not status.HasField("exit_when_wedged_seconds"):
         return "not reported (an older broker)"
     seconds = status.exit_when_wedged_seconds
+    if not math.isfinite(seconds) or seconds < 0:
+        return _number(seconds)
     if seconds == 0:
         return "never"
     return f"after {_number(seconds, 'g')} s wedged (exit 1)"

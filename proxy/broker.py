@@ -439,10 +439,11 @@ class Broker:
         app-server's group without the polite waits."""
         if self.hub.gone is not None or self._stop.is_set():
             return
-        why = f"app-server wedged for {wedged:.1f} s (exit-when-wedged {self.config.exit_when_wedged:g} s)"
+        why = (f"app-server wedged for {wedged:.1f} s (exit-when-wedged {self.config.exit_when_wedged:g} s): "
+               "the broker is exiting")
+        self.files.remove_socket()
         log.error("%s; no longer listening; failing %d turns and %d requests and stopping", why,
                   len(self.hub.turns), self.hub.pending_work)
-        self.files.remove_socket()
         self._app_wedged = True
         self.hub.app_server_gone(why)
         self.stop(1)

@@ -13,6 +13,7 @@ import signal
 import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     NOT_SERVING,
     SERVING,
@@ -26,7 +27,6 @@ from harness import (
     short_dir,
     status,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 

@@ -752,12 +752,13 @@ class Hub:
         self._on_change()
 
     def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes,
-                      spawned: list[tuple[str, str]]) -> None:
+                      spawned: list[jsonrpc.Link]) -> None:
         """``spawned``: the sub-agent links the notification names (jsonrpc.spawned_threads),
         made before it is delivered; a thread/started that names its parent goes to the
         sub-agent's followers, that is its parent's."""
-        for child, parent in spawned:
-            self._adopt(child, parent)
+        for child, parent, claimed in spawned:
+            if claimed or not self.threads.get(child):  # never another client's thread
+                self._adopt(child, parent)
         if spawned and method == "thread/started":
             thread_id = spawned[0][0]
         text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)

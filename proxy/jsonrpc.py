@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import msgspec
 import orjson
@@ -496,11 +496,23 @@ def read_params(data: bytes) -> msgspec.Raw | Refusal:
 # Notifications that can tell which thread spawned another (the hub reads them off its hot path).
 LINEAGE_METHODS = frozenset({"thread/started", "item/started", "item/completed"})
 # collabAgentToolCall tools whose receivers are the sender's own sub-agents (a missing tool is
-# read as a spawn); sendInput, wait, closeAgent... only address threads already linked.
+# read as a spawn). Other tools (sendInput, wait, closeAgent...) address threads that may be
+# anyone's: their receivers are claimed only when no Session follows them and no link names
+# them yet (the hub decides; some clients, the companion's fake codex among them, name a
+# sub-agent only in a wait).
 _ADOPTING_TOOLS = frozenset({"spawnAgent", "resumeAgent"})
 
 
-def spawned_threads(method: str, params: Any) -> list[tuple[str, str]]:
+class Link(NamedTuple):
+    """A sub-agent thread and the thread that spawned it. ``claimed``: the link is certain (a
+    spawn, or a parent codex names); otherwise it holds only for a thread nobody follows."""
+
+    child: str
+    parent: str
+    claimed: bool = True
+
+
+def spawned_threads(method: str, params: Any) -> list[Link]:
     """(sub-agent thread, the thread that spawned it) pairs a notification names, decoded:
     ``thread/started`` whose thread names its parent (``parentThreadId``, or
     ``source.subAgent.thread_spawn.parent_thread_id``), and a ``collabAgentToolCall`` item
@@ -513,16 +525,17 @@ def spawned_threads(method: str, params: Any) -> list[tuple[str, str]]:
         if not isinstance(thread, dict):
             return []
         child, parent = thread.get("id"), _parent_of(thread)
-        return [(child, parent)] if _name(child) and parent is not None and parent != child else []
+        return [Link(child, parent)] if _name(child) and parent is not None and parent != child else []
     if method not in LINEAGE_METHODS:
         return []
     item = params.get("item")
     if not isinstance(item, dict) or item.get("type") != "collabAgentToolCall":
         return []
     tool, sender, receivers = item.get("tool"), item.get("senderThreadId"), item.get("receiverThreadIds")
-    if (tool is not None and tool not in _ADOPTING_TOOLS) or not _name(sender) or not isinstance(receivers, list):
+    if not _name(sender) or not isinstance(receivers, list):
         return []
-    return [(r, sender) for r in receivers if _name(r) and r != sender]
+    claimed = tool is None or tool in _ADOPTING_TOOLS
+    return [Link(r, sender, claimed) for r in receivers if _name(r) and r != sender]
 
 
 def _name(value: Any) -> TypeGuard[str]:
@@ -561,7 +574,7 @@ class _LineageParams(msgspec.Struct):
 _LINEAGE = msgspec.json.Decoder(_LineageParams)
 
 
-def spawned_threads_raw(method: str, raw: msgspec.Raw | None) -> list[tuple[str, str]]:
+def spawned_threads_raw(method: str, raw: msgspec.Raw | None) -> list[Link]:
     """``spawned_threads`` of a notification routed from its envelope: only the few fields it
     reads are decoded (a big item's other members are skipped in C)."""
     if method not in LINEAGE_METHODS or raw is None or _first(raw) != _BRACE:

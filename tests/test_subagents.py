@@ -163,6 +163,21 @@ def test_a_collab_call_that_spawns_nothing_does_not_hand_over_another_clients_th
     assert ("item/agentMessage/delta", "sub-o") in summary(drain(other))
 
 
+def test_a_wait_on_a_thread_nobody_follows_links_it_to_the_waiting_thread():
+    """A client whose codex names a sub-agent only in a wait (the companion's fake codex does)
+    still gets its sub-agent's messages; a wait on a thread another client follows links
+    nothing (the previous test)."""
+    h = Harness()
+    mine, other = h.session_on("thr-p"), h.session_on("thr-o")
+    h.hub.from_app_server_lines([thread_started("sub-w"), collab("thr-p", ["sub-w"], tool="wait"),
+                                 delta("sub-w", "mine"), collab("thr-p", ["thr-o"], tool="wait"),
+                                 delta("thr-o", "theirs")])
+    assert h.hub.parents == {"sub-w": "thr-p"}
+    assert ("item/agentMessage/delta", "sub-w") in summary(drain(mine))
+    assert ("item/agentMessage/delta", "thr-o") not in summary(drain(mine))
+    assert [m for m in summary(drain(other)) if m[1] == "sub-w"] == [("thread/started", "sub-w")]
+
+
 def test_a_big_collab_item_links_its_sub_agent_from_the_envelope():
     h = Harness()
     mine = h.session_on("thr-p")
@@ -201,15 +216,15 @@ def test_links_under_a_thread_no_session_follows_are_forgotten_when_its_turn_com
 
 def test_lineage_is_read_the_same_from_decoded_params_and_from_the_envelope():
     cases = [
-        ("thread/started", {"thread": {"id": "c", "parentThreadId": "p"}}, [("c", "p")]),
+        ("thread/started", {"thread": {"id": "c", "parentThreadId": "p"}}, [("c", "p", True)]),
         ("thread/started", {"thread": {"id": "c", "source": {"subAgent": {"thread_spawn": {"parent_thread_id": "p"}}}}},
-         [("c", "p")]),
+         [("c", "p", True)]),
         ("thread/started", {"thread": {"id": "c", "source": "vscode"}}, []),
         ("thread/started", {"thread": {"id": "c", "parentThreadId": "c"}}, []),
         ("item/started", {"item": {"type": "collabAgentToolCall", "senderThreadId": "p",
-                                   "receiverThreadIds": ["a", "p", 3, "b"]}}, [("a", "p"), ("b", "p")]),
+                                   "receiverThreadIds": ["a", "p", 3, "b"]}}, [("a", "p", True), ("b", "p", True)]),
         ("item/completed", {"item": {"type": "collabAgentToolCall", "tool": "wait", "senderThreadId": "p",
-                                     "receiverThreadIds": ["a"]}}, []),
+                                     "receiverThreadIds": ["a"]}}, [("a", "p", False)]),
         ("item/started", {"item": {"type": "agentMessage", "senderThreadId": "p", "receiverThreadIds": ["a"]}}, []),
         ("item/started", {"item": "collabAgentToolCall"}, []),
         ("turn/started", {"thread": {"id": "c", "parentThreadId": "p"}}, []),

@@ -209,13 +209,13 @@ def decide_install(obs: Observation, wanted: bytes, force: bool, in_marketplace:
     if obs.kind in (Kind.MISSING, Kind.NOT_REGULAR, Kind.SYMLINK, Kind.FOREIGN):
         return Decision(Action.REFUSE, f"{BROKER_SCRIPT} is {obs.kind.value}{_detail(obs)}")
     if obs.kind is Kind.ORIGINAL:
-        return Decision(Action.PATCH, "a known upstream version")
+        return Decision(Action.PATCH, "patched (the broker was a known upstream version)")
     if obs.kind is Kind.LAUNCHER:
         if obs.data == wanted:
             return Decision(Action.NOTHING, "already patched")
-        return Decision(Action.UPDATE, "patched by an older install; the launcher is rewritten")
+        return Decision(Action.UPDATE, "patched again (the launcher of an earlier install was rewritten)")
     if force:
-        return Decision(Action.PATCH, f"unknown file (sha256 {obs.sha256}), patched because of --force")
+        return Decision(Action.PATCH, f"patched because of --force (the broker was unknown, sha256 {obs.sha256})")
     return Decision(Action.REFUSE, f"unknown {BROKER_SCRIPT} (sha256 {obs.sha256}): not a known upstream version; "
                                    "--force patches it anyway")
 

@@ -148,6 +148,9 @@ function runBroker(target) {
   // A signal sent to the whole group has reached the broker too: the forwarded copy waits a
   // moment and is sent only if the broker still runs, so a broker that stops at once is not hit
   // by a second SIGTERM while its interpreter exits (with the default action back in place).
+  const budget = setTimeout(() => {
+    mayFallBack = false;
+  }, CONFIG.readyBudgetMs);
   let forwarding = null;
   const onSignal = () => {
     stopping = true;
@@ -165,6 +168,7 @@ function runBroker(target) {
   const giveUp = (reason) => {
     settled = true;
     mayFallBack = false;
+    clearTimeout(budget);
     for (const name of FORWARDED_SIGNALS) {
       process.removeListener(name, onSignal);
     }
@@ -176,10 +180,6 @@ function runBroker(target) {
       process.exit(1);
     });
   };
-
-  const budget = setTimeout(() => {
-    mayFallBack = false;
-  }, CONFIG.readyBudgetMs);
 
   const poll = async () => {
     while (!ready && !settled && mayFallBack) {
@@ -201,10 +201,11 @@ function runBroker(target) {
     return;
   }
   child.on("error", (error) => {
-    if (settled) {
-      return;
+    if (settled || child.pid !== undefined) {
+      return; // only a spawn error matters here (a failed kill is not one)
     }
     clearTimeout(budget);
+    clearTimeout(forwarding);
     if (stopping) {
       settled = true;
       exitLike(0, null);

@@ -431,3 +431,53 @@ def test_launcher_removes_the_grpc_socket_and_the_directory_the_companion_emptie
         launched.directory.rmdir()  # the broker's gRPC socket is still there
     assert launched.wait() == 0
     assert not launched.directory.exists()
+
+
+# -- the pure decisions, row by row -----------------------------------------------------------------
+LAUNCHER = companion.render_launcher(companion.LauncherConfig(codex_broker="/opt/codex-broker"))
+OLD_LAUNCHER = companion.render_launcher(companion.LauncherConfig(codex_broker="/old/codex-broker"))
+ORIGINAL = b"// the upstream broker\n"
+KNOWN = {companion.sha256(ORIGINAL)}
+
+
+def test_classify_tells_an_original_our_launcher_an_edited_launcher_and_anything_else() -> None:
+    assert companion.classify(ORIGINAL, KNOWN, None).kind is companion.Kind.ORIGINAL
+    ours = companion.classify(LAUNCHER, KNOWN, None)
+    assert ours.kind is companion.Kind.LAUNCHER and ours.launcher == companion.LauncherConfig("/opt/codex-broker")
+    edited = LAUNCHER.replace(b"process.exit(code ?? 1)", b"process.exit(0)")
+    assert companion.classify(edited, KNOWN, None).kind is companion.Kind.UNKNOWN
+    # a launcher from another version of the template is ours only by the sha256 recorded at install
+    assert companion.classify(edited, KNOWN, companion.sha256(edited)).kind is companion.Kind.LAUNCHER
+    assert companion.classify(b"anything", KNOWN, None).kind is companion.Kind.UNKNOWN
+
+
+@pytest.mark.parametrize(("data", "force", "marketplace", "action"), [
+    (ORIGINAL, False, False, companion.Action.PATCH),
+    (LAUNCHER, False, False, companion.Action.NOTHING),
+    (OLD_LAUNCHER, False, False, companion.Action.UPDATE),
+    (b"unknown", False, False, companion.Action.REFUSE),
+    (b"unknown", True, False, companion.Action.PATCH),
+    (ORIGINAL, True, True, companion.Action.REFUSE),
+])
+def test_decide_install(data: bytes, force: bool, marketplace: bool, action: companion.Action) -> None:
+    observed = companion.classify(data, KNOWN, None)
+    assert companion.decide_install(observed, LAUNCHER, force, marketplace).action is action
+
+
+@pytest.mark.parametrize("kind", [companion.Kind.MISSING, companion.Kind.SYMLINK, companion.Kind.NOT_REGULAR,
+                                  companion.Kind.FOREIGN])
+def test_files_that_are_not_regular_files_of_ours_are_refused_by_every_decision(kind: companion.Kind) -> None:
+    observed = companion.Observation(kind)
+    assert companion.decide_install(observed, LAUNCHER, True, False).action is companion.Action.REFUSE
+    assert companion.decide_uninstall(observed, ORIGINAL, False).action is companion.Action.REFUSE
+
+
+@pytest.mark.parametrize(("data", "backup", "action"), [
+    (LAUNCHER, ORIGINAL, companion.Action.RESTORE),
+    (LAUNCHER, None, companion.Action.REFUSE),
+    (ORIGINAL, ORIGINAL, companion.Action.NOTHING),
+    (b"unknown", ORIGINAL, companion.Action.REFUSE),
+])
+def test_decide_uninstall(data: bytes, backup: bytes | None, action: companion.Action) -> None:
+    observed = companion.classify(data, KNOWN, None)
+    assert companion.decide_uninstall(observed, backup, False).action is action

@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lifecycle.errors import BrokerError, UsageError
+from lifecycle.errors import BrokerError, StateError, UsageError
 
 # The companion's broker, app-server-broker.mjs, is byte-identical from 1.0.0 to 1.0.6.
 KNOWN_SHA256 = frozenset({
@@ -334,6 +334,7 @@ class Backup:
         return data if isinstance(wanted, str) and sha256(data) == wanted else None
 
     def save(self, root: Path, original: bytes, launcher: bytes) -> None:
+        _private_dir(self.directory.parent)
         _private_dir(self.directory)
         atomic_write(self.directory / BACKUP_NAME, original, 0o600)
         self.record = {"plugin_root": str(root), "original_sha256": sha256(original),
@@ -370,7 +371,12 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """``path`` (its parent exists) as a 0700 directory of ours; StateError for anything else."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise StateError(f"{path} is not a directory of yours")
     os.chmod(path, 0o700)
 
 

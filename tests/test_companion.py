@@ -110,6 +110,8 @@ def test_install_replaces_the_known_broker_with_the_launcher_keeping_the_origina
     backups = list((claude.tmp / "state" / "companion").glob("*/original.mjs"))
     assert [b.read_bytes() for b in backups] == [original]
     assert stat.S_IMODE(backups[0].stat().st_mode) == 0o600
+    for directory in (backups[0].parent, backups[0].parent.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert not list(root.rglob(".*.tmp"))
 
 

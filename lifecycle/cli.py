@@ -66,13 +66,9 @@ def _number(value: float, spec: str = ".2f") -> str:
 
 
 def _state_name(value: int) -> str:
-    """A BrokerState's short name; a value this client does not know is shown as its number."""
-    from protos import broker_pb2
+    from lifecycle.client import state_name
 
-    try:
-        return broker_pb2.BrokerState.Name(value).removeprefix("BROKER_STATE_")
-    except ValueError:
-        return f"UNKNOWN({value})"
+    return state_name(value)
 
 
 # -- finding a broker ----------------------------------------------------------------------
@@ -252,10 +248,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         status = client.status(timeout=5.0)
         proven = _broker_identity(client, record, status) if args.wait else None
         reply = client.drain(args.deadline or 0.0, reason=args.reason or "codex-broker drain", force=args.force)
-    from protos import broker_pb2
-
     pid = status.pid
-    state = broker_pb2.BrokerState.Name(reply.state).removeprefix("BROKER_STATE_")
+    state = _state_name(reply.state)
     print(f"broker pid {pid}: {state}, {reply.in_flight_turns} turns and {reply.pending_requests} requests in flight")
     if proven is not None:
         if not _wait_exit(proven.pid, proven.create_time, None, "finish its turns and exit"):

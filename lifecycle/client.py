@@ -59,6 +59,16 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+
+def state_name(value: int) -> str:
+    """A BrokerState's short name (SERVING, DRAINING, ...); a value this client does not know
+    (a newer broker's) reads UNKNOWN(n)."""
+    try:
+        return broker_pb2.BrokerState.Name(value).removeprefix("BROKER_STATE_")
+    except ValueError:
+        return f"UNKNOWN({value})"
+
+
 class BrokerClient:
     """One channel to one broker endpoint: ``unix:PATH``, or ``tcp:HOST:PORT`` with the broker's
     bearer ``token``."""

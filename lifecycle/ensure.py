@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle import identity
-from lifecycle.client import BrokerClient
+from lifecycle.client import BrokerClient, state_name
 from lifecycle.decide import (
     DEFAULT_SPAWN_DEADLINE,
     WEDGE_WINDOW,
@@ -155,7 +155,7 @@ def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_comma
                        status_answered=status is not None,
                        status_instance_id=status.instance_id if status is not None else None,
                        record_instance_id=record.instance_id,
-                       broker_state=_state_name(status.state) if status is not None else None,
+                       broker_state=state_name(status.state) if status is not None else None,
                        health=probe.health, started_at=record.started_at, now=time.time(),
                        record_app_server_command=tuple(record.app_server_command),
                        record_codex_home=record.codex_home, record_starting=record.starting,
@@ -169,16 +169,6 @@ def _window(record: BrokerRecord, spawn_deadline: float, window: float) -> float
     if record.starting and time.time() - record.started_at < spawn_deadline:
         return min(window, ATTEMPT_TIMEOUT)
     return window
-
-
-def _state_name(state: int) -> str:
-    """A state name; one this client does not know (a newer broker's) reads UNKNOWN(n)."""
-    from protos import broker_pb2
-
-    try:
-        return broker_pb2.BrokerState.Name(state).removeprefix("BROKER_STATE_")
-    except ValueError:
-        return f"UNKNOWN({state})"
 
 
 def ensure_broker(cwd: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,

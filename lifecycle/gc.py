@@ -40,7 +40,7 @@ import filelock
 import psutil
 
 from lifecycle import identity
-from lifecycle.client import BrokerClient
+from lifecycle.client import BrokerClient, state_name
 from lifecycle.errors import BrokerError, IdentityError
 from lifecycle.settings import Settings
 from lifecycle.state import WorkspaceState
@@ -174,7 +174,7 @@ def _retire(broker: ServeProcess, dry_run: bool) -> str:
             if status.instance_id != broker.argv.instance_id or status.pid != pid:
                 return (f"left broker pid {pid} alone: {endpoint} answers for pid {status.pid}, instance "
                         f"{status.instance_id or '(none)'}")
-            if _state_name(status.state) in contract.WINDING_DOWN:
+            if state_name(status.state) in contract.WINDING_DOWN:
                 return f"left orphaned broker pid {pid} alone: it is draining and will exit by itself"
             if dry_run:
                 return f"would drain orphaned broker pid {pid} ({endpoint})"
@@ -204,12 +204,6 @@ def _kill(broker: ServeProcess) -> str:
         return f"broker pid {pid} was already gone"
     identity.wait_gone(pid, broker.create_time, EXIT_WAIT)
     return f"killed unresponsive orphaned broker pid {pid}"
-
-
-def _state_name(state: int) -> str:
-    from protos import broker_pb2
-
-    return broker_pb2.BrokerState.Name(state).removeprefix("BROKER_STATE_")
 
 
 # -- session directories --------------------------------------------------------------------

@@ -475,24 +475,22 @@ def install(copy: Copy, env: Mapping[str, str], codex_broker: str, force: bool) 
     decision = decide_install(obs, wanted, force, in_marketplace(copy.root, env))
     result = Result(str(copy.root), copy.version, obs.kind.value, decision.action.value,
                     decision.action is not Action.REFUSE, decision.reason, codex_broker)
-    assert obs.data is not None or decision.action is Action.REFUSE
+    if decision.action is Action.REFUSE:
+        return result
+    assert obs.data is not None
+    original = obs.data if decision.action is Action.PATCH else _original_for(copy, backup, env)
+    if original is None:
+        return _refused(result, "patched, but the original is neither backed up nor kept beside the launcher; "
+                                "nothing was changed")
     try:
-        if decision.action is Action.PATCH:
-            assert obs.data is not None
-            backup.save(copy.root, obs.data, wanted)
-            atomic_write(copy.original, obs.data, stat.S_IMODE(copy.broker.lstat().st_mode))
+        backup.save(copy.root, original, wanted)
+        if not _holds(copy.original, original):
+            atomic_write(copy.original, original, stat.S_IMODE(copy.broker.lstat().st_mode))
+            if decision.action is Action.NOTHING:
+                result.message += f"; the original kept beside it ({ORIGINAL_NAME}) was put back"
+        if decision.action is not Action.NOTHING:
             _replace_if_unchanged(copy.broker, obs.data, wanted)
-            result.state = Kind.LAUNCHER.value
-        elif decision.action is Action.UPDATE:
-            assert obs.data is not None
-            original = _original_for(copy, backup, env)
-            if original is None:
-                return _refused(result, "patched, but the original is neither backed up nor beside it; "
-                                        "nothing was changed")
-            backup.save(copy.root, original, wanted)
-            if not _holds(copy.original, original):
-                atomic_write(copy.original, original, stat.S_IMODE(copy.broker.lstat().st_mode))
-            _replace_if_unchanged(copy.broker, obs.data, wanted)
+        result.state = Kind.LAUNCHER.value
     except (OSError, CompanionError) as exc:
         return _refused(result, f"failed: {exc}")
     return result
@@ -529,6 +527,9 @@ def status(copy: Copy, env: Mapping[str, str], default_broker: str | None,
     broker = obs.launcher.codex_broker if obs.launcher else default_broker
     if obs.kind is Kind.LAUNCHER:
         message = "patched" if obs.launcher else "patched (launcher of an older install; install rewrites it)"
+        if not copy.original.is_file():
+            message += f"; the original kept beside it ({ORIGINAL_NAME}) is missing, so nothing to fall back to " \
+                       "(install puts it back)"
     elif obs.kind is Kind.ORIGINAL:
         message = "not patched (the upstream broker)"
     else:

@@ -228,6 +228,10 @@ def test_status_says_whether_the_codex_broker_is_runnable(claude: Claude) -> Non
     code, out = claude.json("status")
     [copy] = out["copies"]  # type: ignore[misc]
     assert code == 0 and copy["runnable"] is True and copy["codex_broker"] == str(broker)
+    (root / "scripts" / companion.ORIGINAL_NAME).unlink()
+    assert "is missing, so nothing to fall back to" in claude.cli("status").stdout
+    assert claude.cli("install", "--codex-broker", str(broker)).returncode == 0  # puts it back
+    assert (root / "scripts" / companion.ORIGINAL_NAME).read_bytes() == FAKE_ORIGINAL.read_bytes()
     broker.unlink()
     code, out = claude.json("status")
     [copy] = out["copies"]  # type: ignore[misc]

@@ -172,10 +172,15 @@ function runBroker(target) {
     for (const name of FORWARDED_SIGNALS) {
       process.removeListener(name, onSignal);
     }
-    // Nothing accepted on these paths, and the broker that made them is gone.
-    removeQuietly(target.jsonlPath);
-    removeQuietly(target.grpcPath);
-    runOriginal(reason).catch((error) => {
+    // What the broker that is gone left on these paths, unless something else listens there.
+    const clearStale = async () => {
+      for (const file of [target.jsonlPath, target.grpcPath]) {
+        if (!(await accepts(file))) {
+          removeQuietly(file);
+        }
+      }
+    };
+    clearStale().then(() => runOriginal(reason)).catch((error) => {
       note(`the original Node broker failed: ${error instanceof Error ? error.message : String(error)}`);
       process.exit(1);
     });

@@ -307,8 +307,11 @@ def launch(plugin: tuple[Claude, Path]) -> Iterator[object]:
     started: list[Launched] = []
 
     def run(*, mode: str = "serve", equals: bool = False, endpoint: str | None = None,
-            extra_env: dict[str, str] | None = None) -> Launched:
+            extra_env: dict[str, str] | None = None, taken: socket.socket | None = None) -> Launched:
         directory = Path(tempfile.mkdtemp(prefix="cxc-", dir="/tmp"))
+        if taken is not None:  # something else already listens on the companion's endpoint
+            taken.bind(str(directory / "broker.sock"))
+            taken.listen()
         log = claude.tmp / f"events-{len(started)}.jsonl"
         endpoint = endpoint or f"unix:{directory}/broker.sock"
         options = {"--endpoint": endpoint, "--cwd": str(claude.tmp), "--pid-file": f"{directory}/broker.pid"}
@@ -397,6 +400,14 @@ def test_launcher_falls_back_when_codex_broker_exits_before_its_socket_accepts(l
     launched.wait_ready()
     assert [e["event"] for e in launched.events()] == ["start", "original"]
     assert "exited with status 3" in (launched.directory / "broker.log").read_text()
+
+
+def test_an_endpoint_something_else_listens_on_is_left_alone(launch: object) -> None:
+    with socket.socket(socket.AF_UNIX) as taken:
+        launched: Launched = launch(mode="exit", taken=taken)  # type: ignore[operator]
+        assert launched.wait() == 3  # it accepted, so the broker's own exit is the launcher's
+        assert [e["event"] for e in launched.events()] == ["start"]
+        assert _accepts(launched.jsonl)
 
 
 def test_launcher_falls_back_for_a_pipe_endpoint_without_running_codex_broker(launch: object) -> None:

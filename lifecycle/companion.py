@@ -5,7 +5,8 @@ app-server-broker.mjs serve --endpoint unix:<dir>/broker.sock --cwd <cwd> --pid-
 ``install`` replaces that file with a small Node launcher (``companion_launcher.mjs``, rendered with
 this codex-broker's absolute path) that runs ``codex-broker serve --jsonl-endpoint <that endpoint>
 --endpoint unix:<dir>/grpc.sock ...`` and falls back to the original, kept beside it as
-``app-server-broker.original.mjs``. ``uninstall`` puts the original back byte for byte.
+``app-server-broker.original.mjs`` (the launcher's own header says when). ``uninstall`` puts the
+original back byte for byte. Both are idempotent: a second run finds nothing to do.
 
 What each step relies on:
 
@@ -18,8 +19,10 @@ What each step relies on:
   this module wrote (its exact rendering of the configuration it carries, or the sha256 recorded
   when it was written), or unknown. Only a regular file owned by the user is read at all.
 - Decisions are pure (:func:`decide_install`, :func:`decide_uninstall`); the I/O acts on them.
-- Every write goes through a temp file in the same directory and a rename, after the target's
-  bytes are checked again to be the ones the decision saw.
+- Every write goes through a temp file in the same directory and a rename; the broker file's
+  bytes are checked again, right before, to be the ones the decision saw.
+- ``uninstall`` writes only over a launcher it recognizes (as above), and only the bytes whose
+  sha256 install recorded (the backup, else the copy kept beside the launcher).
 - The original's bytes are backed up outside the plugin cache, in the state root:
   ``companion/<key of the plugin root>/original.mjs`` with ``install.json`` (0600 in 0700 dirs).
 """

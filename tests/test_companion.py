@@ -69,7 +69,10 @@ class Claude:
 def stand_in_broker(directory: Path) -> Path:
     """An executable codex-broker stand-in (its behaviour comes from STAND_IN_* variables)."""
     path = directory / "codex-broker"
-    path.write_text(f"#!/bin/sh\nexec {sys.executable} {STAND_IN} \"$@\"\n")
+    # mode "exit" is answered by the shell: a Python start on a loaded machine must not eat the budget
+    path.write_text("#!/bin/sh\n"
+                    'if [ "$STAND_IN_MODE" = exit ]; then echo \'{"event": "start"}\' >> "$STAND_IN_LOG"; exit 3; fi\n'
+                    f'exec {sys.executable} {STAND_IN} "$@"\n')
     path.chmod(0o755)
     return path
 

@@ -1,6 +1,7 @@
 """One JSON-RPC client, three transports: the same Python code talks to the fake app-server
 over its own stdio pipes (the physical limit) and to the broker over an ``AppServer.Session``
-stream; ``CallClient`` sends the same requests as ``AppServer.Call`` RPCs.
+stream (the tests' own Session client, tests/harness.py); ``CallClient`` sends the same
+requests as ``AppServer.Call`` RPCs.
 
     client = await StdioClient.spawn([python, fake])      # client.process is the child
     client = await SessionClient.open("unix:/path/s.sock")
@@ -21,10 +22,11 @@ from typing import Any
 import grpc
 
 from protos import broker_pb2, broker_pb2_grpc
+from tests.harness import CHANNEL_OPTIONS
+from tests.harness import SessionClient as HarnessSession
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _CHUNK = 1 << 16
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 256 << 20)]
 Handler = Callable[[str, dict[str, Any]], None]
 
 
@@ -163,58 +165,54 @@ class StdioClient(RpcClient):
 
 
 class SessionClient(RpcClient):
-    """One AppServer.Session stream over grpc.aio; ServerFrames may carry many messages.
+    """One AppServer.Session stream: the test harness's Session client (ServerFrames may carry
+    many messages) with nothing recorded, every message dispatched here as it arrives.
 
     ``read_delay`` > 0 makes a slow reader: it sleeps that long after every frame."""
 
     def __init__(self, channel: grpc.aio.Channel, read_delay: float = 0.0):
         super().__init__()
         self._channel = channel
-        self._call = broker_pb2_grpc.AppServerStub(channel).Session()
-        self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
-        self.read_delay = read_delay
-        self.frames = 0
-        self.messages = 0
-        self.ended: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
-        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+        self.session = HarnessSession(channel, record=False, read_delay=read_delay, on_message=self._dispatch)
+        self.ended: asyncio.Task[tuple[str, str]] = asyncio.get_running_loop().create_task(self._ending())
 
     @classmethod
     async def open(cls, endpoint: str, read_delay: float = 0.0) -> SessionClient:
         return cls(grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS), read_delay)
 
+    @property
+    def frames(self) -> int:
+        return self.session.frames
+
+    @property
+    def messages(self) -> int:
+        return self.session.received
+
+    @property
+    def read_delay(self) -> float:
+        return self.session.read_delay
+
+    @read_delay.setter
+    def read_delay(self, seconds: float) -> None:
+        self.session.read_delay = seconds
+
+    async def _ending(self) -> tuple[str, str]:
+        """How the stream ended; pending requests fail then."""
+        code = await self.session.wait_end(None)
+        status = (code.name if code is not None else "CANCELLED", self.session.details or "")
+        self._fail_pending(ConnectionError(f"session ended: {status[0]} {status[1]}"))
+        return status
+
     async def _write(self, obj: dict[str, Any]) -> None:
-        async with self._write_lock:
-            await self._call.write(broker_pb2.ClientFrame(message=_DUMPS(obj)))
+        await self.session.send_text(_DUMPS(obj))
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._call.cancel()
-        self._read_task.cancel()
-        try:
-            await self._read_task
-        except asyncio.CancelledError:
-            pass
+        await self.session.close()
         await self._channel.close()
         self._fail_pending(ConnectionError("client closed"))
-
-    async def _read_loop(self) -> None:
-        status = ("OK", "")
-        try:
-            while isinstance(frame := await self._call.read(), broker_pb2.ServerFrame):  # else grpc.aio.EOF
-                self.frames += 1
-                self.messages += len(frame.messages)
-                for text in frame.messages:
-                    self._dispatch(json.loads(text))
-                if self.read_delay:
-                    await asyncio.sleep(self.read_delay)
-        except grpc.RpcError as exc:
-            status = (exc.code().name, exc.details() or "")
-        finally:
-            if not self.ended.done():
-                self.ended.set_result(status)
-            self._fail_pending(ConnectionError(f"session ended: {status[0]} {status[1]}"))
 
 
 class CallClient:

@@ -179,8 +179,7 @@ async def drain_exit(turn_seconds: float) -> dict[str, Any]:
         await client.request("turn/start", {"threadId": thread, "input": turn_input(20, turn_seconds)})
         reply = await b.drain()
         t_done = await asyncio.wait_for(completed, turn_seconds + 30)
-        assert b.proc is not None
-        code = await asyncio.wait_for(b.proc.wait(), 30)
+        code = await b.exited(30)
         t_exit = time.perf_counter()
         session_status, _ = await asyncio.wait_for(client.ended, 5)
         return {"turn_seconds": turn_seconds, "in_flight_turns_at_drain": reply.in_flight_turns,

@@ -1,7 +1,8 @@
 """The processes under test: the fake app-server spoken to directly, and broker processes
-(``python -m proxy serve``) in front of the same fake. Every process started here is stopped
-here, by the pid we started (SIGTERM, then SIGKILL); the app-server behind a broker dies with
-it (parent-death signal).
+(``python -m proxy serve``, the tests' BrokerProcess) in front of the same fake. Every process
+started here is stopped here, by the pid we started (a broker: SIGTERM, SIGINT twice, SIGKILL,
+with the tests' checks for anything left behind); the app-server behind a broker dies with it
+(parent-death signal).
 
 ``CODEX_BROKER_BENCH_PROFILE=cprofile:DIR``, ``pyspy:DIR`` or ``pyspy+native:DIR`` runs every
 broker of the run under cProfile or ``py-spy record --format speedscope`` (with C frames), one
@@ -12,26 +13,21 @@ from __future__ import annotations
 import asyncio
 import calendar
 import os
-import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.clients import CHANNEL_OPTIONS, StdioClient
+from bench.clients import StdioClient
 from protos import broker_pb2, broker_pb2_grpc
+from tests.harness import CHANNEL_OPTIONS, FAKE, ROOT, BrokerProcess, short_dir  # noqa: F401 (ROOT re-exported)
 
-ROOT = Path(__file__).resolve().parents[1]
-FAKE = ROOT / "tests" / "fake_app_server.py"
 PROFILE_ENV = "CODEX_BROKER_BENCH_PROFILE"
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def fake_argv() -> list[str]:
@@ -94,65 +90,46 @@ def _profile_prefix(name: str) -> list[str]:
 
 
 class Broker:
-    """One ``python -m proxy serve`` in front of the fake, in a fresh private directory."""
+    """One ``python -m proxy serve`` in front of the fake, in a fresh private directory: the
+    tests' broker process (tests/harness.py), started and stopped without blocking the loop."""
 
     def __init__(self, name: str, flags: list[str] | None = None):
         self.name = name
         self.flags = flags or []
-        self.base = tempfile.mkdtemp(prefix="cxbench", dir="/tmp")
-        self.sock = os.path.join(self.base, "d", "s.sock")
-        self.endpoint = f"unix:{self.sock}"
-        self.log_path = os.path.join(self.base, "broker.log")
-        self.proc: asyncio.subprocess.Process | None = None
+        self.base = short_dir("cxbench")
+        self.process: BrokerProcess | None = None
         self.pid = 0  # the broker itself (from Status), whatever wraps it
-        self._broker_proc: psutil.Process | None = None
         self.app_server_pid = 0
         self.spawned_at = 0.0  # time.time() just before the spawn
         self.serving_after = 0.0  # seconds from spawn to the first SERVING answer
 
+    @property
+    def endpoint(self) -> str:
+        return f"unix:{os.path.join(self.base, 'd', 's.sock')}"
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base, "broker.log")
+
     async def start(self, timeout: float = 30.0) -> Broker:
-        argv = [*_profile_prefix(self.name), "-m", "proxy", "serve", "--endpoint", self.endpoint,
-                "--cwd", self.base, "--app-server", shlex.join(fake_argv()), *self.flags]
-        with open(self.log_path, "wb") as log:  # noqa: ASYNC230 - a local file, opened once
-            self.spawned_at = time.time()
-            t0 = time.perf_counter()
-            self.proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
-                                                             stdout=log, stderr=log)
-        await self._wait_serving(timeout)
+        t0 = time.perf_counter()
+        self.process = BrokerProcess("--cwd", self.base, *self.flags, base=self.base, log_path=Path(self.log_path),
+                                     argv_prefix=_profile_prefix(self.name))
+        self.spawned_at = self.process.spawned_at
+        await asyncio.to_thread(self.process.wait_ready, timeout)
         self.serving_after = time.perf_counter() - t0
         status = await self.status()
         self.pid, self.app_server_pid = status.pid, status.app_server_pid
-        self._broker_proc = psutil.Process(self.pid)
+        self.process.follow(self.pid)
         return self
 
-    async def _wait_serving(self, timeout: float) -> None:
-        """Polls (every 2 ms) for the socket, then Health Check until SERVING."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"broker exited {self.proc.returncode} before SERVING:\n{self.log_tail()}")
-            if not os.path.exists(self.sock):  # noqa: ASYNC240 - a local stat, polled every 2 ms on purpose
-                await asyncio.sleep(0.002)
-                continue
-            async with grpc.aio.insecure_channel(self.endpoint) as channel:
-                check = health_pb2_grpc.HealthStub(channel).Check
-                while time.monotonic() < deadline:
-                    try:
-                        reply = await check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                        if reply.status == SERVING:
-                            return
-                    except grpc.RpcError:
-                        break  # not listening yet: a fresh channel (a failed one backs off)
-                    await asyncio.sleep(0.002)
-            await asyncio.sleep(0.002)
-        raise TimeoutError(f"broker not SERVING within {timeout:g} s:\n{self.log_tail()}")
+    async def exited(self, timeout: float) -> int:
+        """Awaits the broker's exit; its exit code."""
+        assert self.process is not None
+        return await self.process.exited(timeout)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.process.tail(lines) if self.process is not None else ""
 
     def log_times(self) -> dict[str, float]:
         """Wall times (ms resolution) of the broker's own log lines: the app-server spawned
@@ -183,32 +160,16 @@ class Broker:
     def rss_mb(self) -> float:
         return rss_mb(self.pid)
 
-    async def stop(self) -> int | None:
-        """Graceful (SIGTERM drains; nothing is in flight by now), then SIGKILL; always reaped."""
-        if self.proc is None:
-            return None
-        # Under a profiler, self.proc is the wrapper: signal the broker (the wrapper follows it),
-        # and at the SIGKILL step the wrapper too. psutil refuses to signal a recycled pid.
-        wrapped = self._broker_proc is not None and self.pid != self.proc.pid
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if self.proc.returncode is not None:
-                break
-            if wrapped:
-                try:
-                    self._broker_proc.send_signal(sig)  # type: ignore[union-attr]
-                except psutil.NoSuchProcess:
-                    pass
-            if not wrapped or sig == signal.SIGKILL:
-                try:
-                    self.proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-            try:
-                await asyncio.wait_for(self.proc.wait(), wait)
-            except TimeoutError:
-                continue
-        shutil.rmtree(self.base, ignore_errors=True)
-        return self.proc.returncode
+    async def stop(self) -> list[str]:
+        """Stopped by its pid (SIGTERM drains; nothing is in flight by now), always reaped; the
+        problems found (signals ignored, processes left behind) are printed."""
+        if self.process is None:
+            shutil.rmtree(self.base, ignore_errors=True)
+            return []
+        problems = await asyncio.to_thread(self.process.stop)
+        for problem in problems:
+            print(f"bench: broker {self.name}: {problem}", file=sys.stderr)
+        return problems
 
     async def __aenter__(self) -> Broker:
         return await self.start()

@@ -38,6 +38,7 @@ from lifecycle.errors import BrokerError, CallTimeout, ConnectError, HealthTimeo
 from lifecycle.settings import Settings
 from lifecycle.spawn import app_server_command, finish_record, spawn_broker, wait_serving
 from lifecycle.state import BrokerRecord, HistoryEntry, WorkspaceState, state_root
+from proxy import contract
 
 log = logging.getLogger("codex_broker.lifecycle")
 
@@ -62,6 +63,7 @@ class BrokerSession:
     reused: bool
     verdict: str  # what ensure found: live, none, dead, aged, ...
     reason: str
+    jsonl_endpoint: str = ""  # the broker's JSONL front end; "" for one recorded without it
 
     def client(self) -> BrokerClient:
         return BrokerClient(self.endpoint)
@@ -73,7 +75,8 @@ class BrokerSession:
 def _session(record: BrokerRecord, decision: Decision) -> BrokerSession:
     return BrokerSession(endpoint=record.endpoint, pid=record.pid, instance_id=record.instance_id,
                          started_at=record.started_at, cwd=record.cwd, log_file=record.log_file,
-                         reused=decision.reuse, verdict=decision.verdict.name.lower(), reason=decision.reason)
+                         reused=decision.reuse, verdict=decision.verdict.name.lower(), reason=decision.reason,
+                         jsonl_endpoint=record.jsonl_endpoint)
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,7 @@ def remove_session_dir(record: BrokerRecord) -> None:
         return
     if st.st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
         return
-    for name in ("s.sock", "broker.pid"):
+    for name in contract.SESSION_FILES:
         try:
             (path / name).unlink()
         except FileNotFoundError:

@@ -1,5 +1,6 @@
 """Spawning a broker: detached in its own session, listening in a fresh 0700 directory with a
-short socket path, logging to a file; ready only once Health says SERVING.
+short socket path (gRPC, and the JSONL front end beside it under a fixed name), logging to a
+file; ready only once Health says SERVING.
 
 Readiness is an event, not a poll: a Health Watch with wait-for-ready connects as soon as the
 socket exists and reports SERVING when the broker is; a watcher thread cancels it the moment
@@ -120,10 +121,12 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     instance_id = str(uuid.uuid4())
     session_dir = runtime_dir(env) / secrets.token_hex(contract.SESSION_DIR_BYTES)
     endpoint = contract.unix_endpoint(contract.session_socket(str(session_dir)))
+    jsonl_endpoint = contract.unix_endpoint(contract.session_jsonl_socket(str(session_dir)))
     log_file = _log_file(state, instance_id)
     argv = contract.build_serve_argv(sys.executable, endpoint=endpoint, cwd=cwd, app_server=shlex.join(command),
                                      instance_id=instance_id, pid_file=str(session_dir / contract.PID_FILE_NAME),
-                                     state_root=str(state.root), log_file=str(log_file))
+                                     state_root=str(state.root), log_file=str(log_file),
+                                     jsonl_endpoint=jsonl_endpoint)
     spawned_at = time.time()
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
@@ -134,7 +137,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
             endpoint=endpoint, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
             instance_id=instance_id, started_at=spawned_at, session_dir=str(session_dir), log_file=str(log_file),
             version="", app_server_command=list(command), codex_home=contract.resolve_codex_home(env), cwd=cwd,
-            starting=True)
+            starting=True, jsonl_endpoint=jsonl_endpoint)
         state.write(starting)
         outcome = wait_serving(endpoint, timeout, lambda: proc.wait() is not None, progress)
         if outcome != "serving":

@@ -96,6 +96,9 @@ class BrokerRecord:
     # Written by a spawn before it waits for SERVING (``started_at`` is then when the spawn
     # began); cleared when the broker is ready. An ensure killed mid-spawn leaves it set.
     starting: bool = False
+    # The broker's JSONL front end (``unix:PATH`` beside its gRPC socket); "" for a broker
+    # recorded without one.
+    jsonl_endpoint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps``."""
@@ -127,6 +130,10 @@ class BrokerRecord:
         if not isinstance(starting, bool):
             raise ValueError(f"field 'starting' must be true or false, got {starting!r}")
         fields["starting"] = starting
+        jsonl_endpoint = data.get("jsonl_endpoint", "")
+        if not isinstance(jsonl_endpoint, str):
+            raise ValueError(f"field 'jsonl_endpoint' must be a string, got {type(jsonl_endpoint).__name__}")
+        fields["jsonl_endpoint"] = jsonl_endpoint
         return cls(**fields)
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x63odexbroker.v1\"\x1e\n\x0b\x43lientFrame\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x1f\n\x0bServerFrame\x12\x10\n\x08messages\x18\x01 \x03(\t\"2\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\"\\\n\tCallReply\x12\x15\n\x0bresult_json\x18\x01 \x01(\tH\x00\x12-\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.codexbroker.v1.JsonRpcErrorH\x00\x42\t\n\x07outcome\"@\n\x0cJsonRpcError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdata_json\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"Z\n\x0cInFlightTurn\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xd0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\topened_at\x18\x02 \x01(\x01\x12\x13\n\x0b\x63lient_name\x18\x03 \x01(\t\x12\x18\n\x10pending_requests\x18\x04 \x01(\x05\x12\x1a\n\x12subscribed_threads\x18\x05 \x01(\x05\x12\x13\n\x0bhalf_closed\x18\x06 \x01(\x08\x12\x14\n\x0cqueued_bytes\x18\x07 \x01(\x03\x12$\n\x1copt_out_notification_methods\x18\x08 \x03(\t\"\xe8\x04\n\x0c\x42rokerStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.codexbroker.v1.BrokerState\x12\x16\n\x0e\x61pp_server_pid\x18\x05 \x01(\x05\x12\x18\n\x10\x61pp_server_alive\x18\x06 \x01(\x08\x12\x15\n\rlast_probe_at\x18\x07 \x01(\x01\x12\x1d\n\x15last_probe_latency_ms\x18\x08 \x01(\x01\x12\x15\n\ropen_sessions\x18\t \x01(\x05\x12\x35\n\x0fin_flight_turns\x18\n \x03(\x0b\x32\x1c.codexbroker.v1.InFlightTurn\x12\x18\n\x10pending_requests\x18\x0b \x01(\x05\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0b\n\x03\x63wd\x18\r \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x0e \x01(\t\x12-\n\x08sessions\x18\x0f \x03(\x0b\x32\x1b.codexbroker.v1.SessionInfo\x12\x1a\n\x12\x61pp_server_command\x18\x10 \x03(\t\x12\x12\n\ncodex_home\x18\x11 \x01(\t\x12\x0e\n\x06health\x18\x12 \x01(\t\x12\x18\n\x10last_response_at\x18\x13 \x01(\x01\x12\x16\n\x0e\x64rain_deadline\x18\x14 \x01(\x01\x12\x14\n\x0c\x64rain_reason\x18\x15 \x01(\t\x12\x1c\n\x14idle_timeout_seconds\x18\x16 \x01(\x01\x12!\n\x19\x61pp_server_create_time_ms\x18\x17 \x01(\x03\"G\n\x0c\x44rainRequest\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"k\n\nDrainReply\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.codexbroker.v1.BrokerState\x12\x17\n\x0fin_flight_turns\x18\x02 \x01(\x05\x12\x18\n\x10pending_requests\x18\x03 \x01(\x05*\x96\x01\n\x0b\x42rokerState\x12\x1c\n\x18\x42ROKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42ROKER_STATE_STARTING\x10\x01\x12\x18\n\x14\x42ROKER_STATE_SERVING\x10\x02\x12\x19\n\x15\x42ROKER_STATE_DRAINING\x10\x03\x12\x19\n\x15\x42ROKER_STATE_STOPPING\x10\x04\x32\x94\x01\n\tAppServer\x12G\n\x07Session\x12\x1b.codexbroker.v1.ClientFrame\x1a\x1b.codexbroker.v1.ServerFrame(\x01\x30\x01\x12>\n\x04\x43\x61ll\x12\x1b.codexbroker.v1.CallRequest\x1a\x19.codexbroker.v1.CallReply2\x92\x01\n\x06\x42roker\x12\x45\n\x06Status\x12\x1d.codexbroker.v1.StatusRequest\x1a\x1c.codexbroker.v1.BrokerStatus\x12\x41\n\x05\x44rain\x12\x1c.codexbroker.v1.DrainRequest\x1a\x1a.codexbroker.v1.DrainReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/broker.proto\x12\x0e\x63odexbroker.v1\"\x1e\n\x0b\x43lientFrame\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x1f\n\x0bServerFrame\x12\x10\n\x08messages\x18\x01 \x03(\t\"2\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\"\\\n\tCallReply\x12\x15\n\x0bresult_json\x18\x01 \x01(\tH\x00\x12-\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1c.codexbroker.v1.JsonRpcErrorH\x00\x42\t\n\x07outcome\"@\n\x0cJsonRpcError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdata_json\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"Z\n\x0cInFlightTurn\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xe3\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\topened_at\x18\x02 \x01(\x01\x12\x13\n\x0b\x63lient_name\x18\x03 \x01(\t\x12\x18\n\x10pending_requests\x18\x04 \x01(\x05\x12\x1a\n\x12subscribed_threads\x18\x05 \x01(\x05\x12\x13\n\x0bhalf_closed\x18\x06 \x01(\x08\x12\x14\n\x0cqueued_bytes\x18\x07 \x01(\x03\x12$\n\x1copt_out_notification_methods\x18\x08 \x03(\t\x12\x11\n\ttransport\x18\t \x01(\t\"\xe8\x04\n\x0c\x42rokerStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.codexbroker.v1.BrokerState\x12\x16\n\x0e\x61pp_server_pid\x18\x05 \x01(\x05\x12\x18\n\x10\x61pp_server_alive\x18\x06 \x01(\x08\x12\x15\n\rlast_probe_at\x18\x07 \x01(\x01\x12\x1d\n\x15last_probe_latency_ms\x18\x08 \x01(\x01\x12\x15\n\ropen_sessions\x18\t \x01(\x05\x12\x35\n\x0fin_flight_turns\x18\n \x03(\x0b\x32\x1c.codexbroker.v1.InFlightTurn\x12\x18\n\x10pending_requests\x18\x0b \x01(\x05\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0b\n\x03\x63wd\x18\r \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x0e \x01(\t\x12-\n\x08sessions\x18\x0f \x03(\x0b\x32\x1b.codexbroker.v1.SessionInfo\x12\x1a\n\x12\x61pp_server_command\x18\x10 \x03(\t\x12\x12\n\ncodex_home\x18\x11 \x01(\t\x12\x0e\n\x06health\x18\x12 \x01(\t\x12\x18\n\x10last_response_at\x18\x13 \x01(\x01\x12\x16\n\x0e\x64rain_deadline\x18\x14 \x01(\x01\x12\x14\n\x0c\x64rain_reason\x18\x15 \x01(\t\x12\x1c\n\x14idle_timeout_seconds\x18\x16 \x01(\x01\x12!\n\x19\x61pp_server_create_time_ms\x18\x17 \x01(\x03\"G\n\x0c\x44rainRequest\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"k\n\nDrainReply\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.codexbroker.v1.BrokerState\x12\x17\n\x0fin_flight_turns\x18\x02 \x01(\x05\x12\x18\n\x10pending_requests\x18\x03 \x01(\x05*\x96\x01\n\x0b\x42rokerState\x12\x1c\n\x18\x42ROKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42ROKER_STATE_STARTING\x10\x01\x12\x18\n\x14\x42ROKER_STATE_SERVING\x10\x02\x12\x19\n\x15\x42ROKER_STATE_DRAINING\x10\x03\x12\x19\n\x15\x42ROKER_STATE_STOPPING\x10\x04\x32\x94\x01\n\tAppServer\x12G\n\x07Session\x12\x1b.codexbroker.v1.ClientFrame\x1a\x1b.codexbroker.v1.ServerFrame(\x01\x30\x01\x12>\n\x04\x43\x61ll\x12\x1b.codexbroker.v1.CallRequest\x1a\x19.codexbroker.v1.CallReply2\x92\x01\n\x06\x42roker\x12\x45\n\x06Status\x12\x1d.codexbroker.v1.StatusRequest\x1a\x1c.codexbroker.v1.BrokerStatus\x12\x41\n\x05\x44rain\x12\x1c.codexbroker.v1.DrainRequest\x1a\x1a.codexbroker.v1.DrainReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BROKERSTATE']._serialized_start=1438
-  _globals['_BROKERSTATE']._serialized_end=1588
+  _globals['_BROKERSTATE']._serialized_start=1457
+  _globals['_BROKERSTATE']._serialized_end=1607
   _globals['_CLIENTFRAME']._serialized_start=39
   _globals['_CLIENTFRAME']._serialized_end=69
   _globals['_SERVERFRAME']._serialized_start=71
@@ -48,15 +48,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFLIGHTTURN']._serialized_start=333
   _globals['_INFLIGHTTURN']._serialized_end=423
   _globals['_SESSIONINFO']._serialized_start=426
-  _globals['_SESSIONINFO']._serialized_end=634
-  _globals['_BROKERSTATUS']._serialized_start=637
-  _globals['_BROKERSTATUS']._serialized_end=1253
-  _globals['_DRAINREQUEST']._serialized_start=1255
-  _globals['_DRAINREQUEST']._serialized_end=1326
-  _globals['_DRAINREPLY']._serialized_start=1328
-  _globals['_DRAINREPLY']._serialized_end=1435
-  _globals['_APPSERVER']._serialized_start=1591
-  _globals['_APPSERVER']._serialized_end=1739
-  _globals['_BROKER']._serialized_start=1742
-  _globals['_BROKER']._serialized_end=1888
+  _globals['_SESSIONINFO']._serialized_end=653
+  _globals['_BROKERSTATUS']._serialized_start=656
+  _globals['_BROKERSTATUS']._serialized_end=1272
+  _globals['_DRAINREQUEST']._serialized_start=1274
+  _globals['_DRAINREQUEST']._serialized_end=1345
+  _globals['_DRAINREPLY']._serialized_start=1347
+  _globals['_DRAINREPLY']._serialized_end=1454
+  _globals['_APPSERVER']._serialized_start=1610
+  _globals['_APPSERVER']._serialized_end=1758
+  _globals['_BROKER']._serialized_start=1761
+  _globals['_BROKER']._serialized_end=1907
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ class InFlightTurn(_message.Message):
     def __init__(self, thread_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., started_at: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "opened_at", "client_name", "pending_requests", "subscribed_threads", "half_closed", "queued_bytes", "opt_out_notification_methods")
+    __slots__ = ("session_id", "opened_at", "client_name", "pending_requests", "subscribed_threads", "half_closed", "queued_bytes", "opt_out_notification_methods", "transport")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPENED_AT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class SessionInfo(_message.Message):
     HALF_CLOSED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPT_OUT_NOTIFICATION_METHODS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     opened_at: float
     client_name: str
@@ -92,7 +93,8 @@ class SessionInfo(_message.Message):
     half_closed: bool
     queued_bytes: int
     opt_out_notification_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., opened_at: _Optional[float] = ..., client_name: _Optional[str] = ..., pending_requests: _Optional[int] = ..., subscribed_threads: _Optional[int] = ..., half_closed: _Optional[bool] = ..., queued_bytes: _Optional[int] = ..., opt_out_notification_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    transport: str
+    def __init__(self, session_id: _Optional[str] = ..., opened_at: _Optional[float] = ..., client_name: _Optional[str] = ..., pending_requests: _Optional[int] = ..., subscribed_threads: _Optional[int] = ..., half_closed: _Optional[bool] = ..., queued_bytes: _Optional[int] = ..., opt_out_notification_methods: _Optional[_Iterable[str]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class BrokerStatus(_message.Message):
     __slots__ = ("instance_id", "pid", "started_at", "state", "app_server_pid", "app_server_alive", "last_probe_at", "last_probe_latency_ms", "open_sessions", "in_flight_turns", "pending_requests", "version", "cwd", "endpoint", "sessions", "app_server_command", "codex_home", "health", "last_response_at", "drain_deadline", "drain_reason", "idle_timeout_seconds", "app_server_create_time_ms")

@@ -11,9 +11,13 @@ socket, pid file and directory, remove the signal handlers.
 
 The lifetime is supervised: a background task (health, app-server watcher, drain, idle) that
 raises stops the broker with exit 1, so a broker never keeps publishing its last SERVING.
-Signals: SIGTERM and SIGINT drain; repeated SIGTERMs are one drain request (clients ending
-together never kill a third one's turns); only a second SIGINT (a person at a terminal) stops
-at once."""
+Signals: SIGTERM and SIGINT drain; repeated SIGTERMs and JSONL ``broker/shutdown`` requests are
+one drain request (clients ending together never kill a third one's turns); only a second SIGINT
+(a person at a terminal) stops at once.
+
+With ``--jsonl-endpoint`` the broker also serves Sessions as JSON lines (proxy/jsonl.py); that
+listener is closed and its path removed as soon as any drain starts (whatever its reason), while
+gRPC and health stay up until the broker stops, so ops tools still see DRAINING."""
 from __future__ import annotations
 
 import asyncio
@@ -38,6 +42,7 @@ from proxy.auth import BearerTokenInterceptor
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
+from proxy.jsonl import JsonlServer
 from proxy.reaper import Reaper
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
@@ -89,6 +94,7 @@ class Broker:
         self.reaper = Reaper(keep=self._own_children) if subreaper else None
         self.ready = asyncio.Event()  # set once listening and SERVING
         self.server: grpc.aio.Server | None = None
+        self.jsonl: JsonlServer | None = None  # the JSONL front end, with --jsonl-endpoint
         self.drain_reason = ""
         self._drain_deadline: float | None = None  # monotonic
         self._force = False
@@ -101,6 +107,7 @@ class Broker:
         self._sigints = 0
         self._app_wedged = False  # the app-server stopped answering: stop it without the polite waits
         self._starting: asyncio.Task[None] | None = None
+        self._drain_asked = ""  # a client asked for a drain before the broker was SERVING
 
     # -- small facts ---------------------------------------------------------------------
     @property
@@ -177,6 +184,8 @@ class Broker:
             self._spawn(self.health.run(), "health")
             self._spawn(self._watch_app_server(), "app-server")
             self._spawn(self._idle_loop(), "idle")
+            if self._drain_asked:
+                self.drain(None, reason=self._drain_asked)
             serving = await self.health.publish()
             log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
                      self.app.pid if self.app else None, self.config.instance_id)
@@ -211,6 +220,10 @@ class Broker:
                 child_process.kill(self._child)
             if self.reaper is not None:
                 await self.reaper.stop_descendants()
+            if self.jsonl is not None:
+                self.jsonl.stop()
+            if self.server is not None:
+                await self.server.stop(None)
             self.files.remove()
             raise
 
@@ -286,6 +299,11 @@ class Broker:
             os.chmod(cfg.socket_path, 0o600)
         await server.start()
         self.server = server
+        jsonl_path = cfg.jsonl_socket_path
+        if jsonl_path is not None:  # its path may be taken: ConfigError, and _start stops gRPC again
+            self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
+                                     on_shutdown=self.request_drain)
+            await self.jsonl.start()
         self.files.write_pid()
 
     # -- events --------------------------------------------------------------------------
@@ -306,6 +324,17 @@ class Broker:
         else:
             self.drain(None, reason=name)
 
+    def request_drain(self, reason: str) -> None:
+        """A client's request to shut down (JSONL ``broker/shutdown``): a drain with the default
+        deadline, joined with any drain already under way (as repeated SIGTERMs are), which it
+        never shortens."""
+        if self.state == S.BROKER_STATE_SERVING:
+            self.drain(None, reason=reason)
+        elif self.state == S.BROKER_STATE_STARTING:  # listening, not SERVING yet: drains once it is
+            self._drain_asked = self._drain_asked or reason
+        else:
+            log.info("%s while %s: the drain goes on", reason, self.state_name.lower())
+
     def drain(self, deadline_seconds: float | None, *, reason: str, force: bool = False) -> None:
         """SERVING -> DRAINING. Idempotent: a later call may shorten the deadline, never extend it.
         ``deadline_seconds``: see ``drain_seconds`` (None = the broker's default)."""
@@ -319,6 +348,8 @@ class Broker:
         if first:
             self.state = S.BROKER_STATE_DRAINING
             self.hub.draining = True
+            if self.jsonl is not None:  # a client's next connect finds no broker here and starts one
+                self.jsonl.close_listener()
             self.drain_reason = reason
             self._drain_deadline = deadline
             log.info("drain started (%s): deadline %.0f s, %d turns and %d requests in flight%s", reason,
@@ -427,6 +458,8 @@ class Broker:
         the files are always taken care of."""
         self.stop(self._exit_code)  # for a shutdown not asked for by stop(): a cancelled run()
         self.state = S.BROKER_STATE_STOPPING
+        if self.jsonl is not None:
+            self.jsonl.close_listener()
         log.info("stopping: %d sessions open, %d turns in flight", len(self.hub.sessions), len(self.hub.turns))
         for task in self._tasks:
             if task is not asyncio.current_task():
@@ -445,6 +478,8 @@ class Broker:
                 try:
                     await self._stop_grpc()
                 finally:
+                    if self.jsonl is not None:
+                        self.jsonl.stop()
                     self.files.remove()
                     log.info("stopped exit_code=%d", self._exit_code)
 

@@ -44,6 +44,7 @@ class ServeConfig:
 
     token_file: str | None = None
     allow_remote: bool = False
+    jsonl_endpoint: str | None = None  # unix:PATH of the JSONL front end, if any
 
     @property
     def is_tcp(self) -> bool:
@@ -54,8 +55,16 @@ class ServeConfig:
         """The unix socket path; None for a TCP endpoint."""
         return None if self.is_tcp else parse_endpoint(self.endpoint)
 
+    @property
+    def jsonl_socket_path(self) -> str | None:
+        """The JSONL front end's socket path; None without one."""
+        return None if self.jsonl_endpoint is None else parse_endpoint(self.jsonl_endpoint)
+
     def validate(self) -> None:
         """ConfigError for an endpoint that must not be served (before anything starts)."""
+        jsonl = self.jsonl_socket_path
+        if jsonl is not None and jsonl == self.socket_path:
+            raise ConfigError(f"--jsonl-endpoint and --endpoint name the same socket: {jsonl}")
         if not self.is_tcp:
             parse_endpoint(self.endpoint)
             return

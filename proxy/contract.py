@@ -57,8 +57,9 @@ def unix_endpoint(socket_path: str) -> str:
 
 # -- names on disk ---------------------------------------------------------------------------
 SOCKET_NAME = "s.sock"  # inside a session directory
+JSONL_SOCKET_NAME = "j.sock"  # inside a session directory: the JSONL front end, beside the gRPC socket
 PID_FILE_NAME = "broker.pid"  # inside a session directory
-SESSION_FILES = (SOCKET_NAME, PID_FILE_NAME)  # everything a broker puts in its session directory
+SESSION_FILES = (SOCKET_NAME, JSONL_SOCKET_NAME, PID_FILE_NAME)  # everything a broker puts in its session directory
 SESSION_DIR_BYTES = 4  # random bytes in a session directory's name, as hex
 _SESSION_DIR_NAME = re.compile(f"[0-9a-f]{{{2 * SESSION_DIR_BYTES}}}")
 RUNTIME_DIR_NAME = "codex-broker"  # under $XDG_RUNTIME_DIR
@@ -78,6 +79,10 @@ def is_session_dir_name(name: str) -> bool:
 
 def session_socket(session_dir: str) -> str:
     return os.path.join(session_dir, SOCKET_NAME)
+
+
+def session_jsonl_socket(session_dir: str) -> str:
+    return os.path.join(session_dir, JSONL_SOCKET_NAME)
 
 
 # -- broker states (BrokerState in protos/broker.proto, without the prefix) -------------------
@@ -150,6 +155,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", required=True,
                    help="where to listen: unix:PATH (a fresh directory is created 0700), or tcp:HOST:PORT "
                         "(needs --token-file; loopback unless --allow-remote)")
+    p.add_argument("--jsonl-endpoint", default=None, metavar="unix:PATH",
+                   help="also serve Sessions as JSON lines on this unix socket (created 0600 in an existing "
+                        "directory; closed and removed as soon as a drain starts); gRPC stays the admin face")
     p.add_argument("--token-file", default=None,
                    help="TCP only: a 0600 file with the bearer token every RPC but Health must carry")
     p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
@@ -194,15 +202,20 @@ class ServeArgv:
     pid_file: str | None
     state_root: str | None
     token_file: str | None
+    jsonl_endpoint: str | None = None
 
 
 def build_serve_argv(python: str, *, endpoint: str, cwd: str, app_server: str, instance_id: str,
-                     pid_file: str, state_root: str, log_file: str) -> list[str]:
+                     pid_file: str, state_root: str, log_file: str, jsonl_endpoint: str | None = None
+                     ) -> list[str]:
     """The argv spawn runs: this package's entry point with the interpreter's safe-path mode (``-P``:
     a workspace that holds a ``proxy`` directory cannot shadow the package)."""
-    return [python, "-P", "-m", ENTRY_MODULE, SERVE_COMMAND, "--endpoint", endpoint, "--cwd", cwd,
+    argv = [python, "-P", "-m", ENTRY_MODULE, SERVE_COMMAND, "--endpoint", endpoint, "--cwd", cwd,
             f"--app-server={app_server}", "--instance-id", instance_id, "--pid-file", pid_file,
             "--state-root", state_root, "--log-file", log_file]
+    if jsonl_endpoint is not None:
+        argv += ["--jsonl-endpoint", jsonl_endpoint]
+    return argv
 
 
 class _StrictParser(argparse.ArgumentParser):
@@ -246,4 +259,5 @@ def parse_serve_argv(argv: Sequence[str]) -> ServeArgv | None:
     except ValueError:
         return None
     return ServeArgv(endpoint=ns.endpoint, cwd=ns.cwd, app_server=ns.app_server, instance_id=ns.instance_id,
-                     pid_file=ns.pid_file, state_root=ns.state_root, token_file=ns.token_file)
+                     pid_file=ns.pid_file, state_root=ns.state_root, token_file=ns.token_file,
+                     jsonl_endpoint=ns.jsonl_endpoint)

@@ -12,6 +12,31 @@ Session sees messages in exactly the order the app-server wrote them.
   answer wins, and when no one is left to answer the app-server hears an error.
 - In-flight work = requests awaiting a response + turns begun and not yet completed.
 
+Sub-agents. A turn can spawn sub-agent threads, whose messages carry their own thread id, which
+no client asked for. The hub remembers which thread spawned which (``parents``/``children``,
+read by ``jsonrpc.spawned_threads``): from the spawning thread's ``collabAgentToolCall`` item
+(``senderThreadId`` -> ``receiverThreadIds``; tools spawnAgent and resumeAgent; such an
+item/started or item/completed leaves the hot path), and from a ``thread/started`` whose thread
+names its parent (``parentThreadId``, or ``source.subAgent.thread_spawn.parent_thread_id``). The
+first link of a thread wins; a link that would close a cycle is refused. Subscriptions propagate
+down: whoever follows a thread follows its sub-agents, nested ones included, both when a
+sub-agent is linked and when a Session subscribes later (thread/resume of the parent). So
+``threads[child]`` already holds the parent's Sessions: a sub-agent's notifications and server
+requests are routed like any thread's, on the same hot path, and reach no other client.
+- Order. A sub-agent's first messages can come before the item that links it (codex 0.169 names
+  the sub-agent only when the spawn item completes, while the sub-agent already runs): the last
+  notifications no Session followed are kept in a bounded ring (``ORPHAN_MESSAGES``,
+  ``ORPHAN_BYTES``), and a thread's are delivered in order to its followers when it is linked,
+  before the linking item. A ``thread/started`` that names its parent goes to that parent's
+  followers; one that names none (a client's fake writes it before the collab item) has no
+  thread to route by and goes to every Session, as any message without a threadId does.
+- Turns. A sub-agent's turns are tracked like any turn (in flight until turn/completed) whether
+  or not a Session follows it, and belong to the Session whose running turn above it spawned it
+  (a half-closed Session ends after its sub-agents' turns too).
+- Memory. A link is forgotten once the sub-agent has no follower, no remembered sub-agent of its
+  own, and no turn running on it or on a thread above it (checked when a Session closes and when
+  a turn completes on it or above it), so a long-lived broker does not grow.
+
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
 per value, so a big message holds the loop briefly), then routed. Bad input
@@ -22,10 +47,13 @@ JSON text exactly (see jsonrpc's envelopes). An exception out of ``route`` is a 
 broker's own: the front end ends the Session with ``EndReason.INTERNAL``.
 
 The hub knows no transport: a Session ends with a reason (proxy/session.py), which each front
-end maps to its own terms (service.py: gRPC statuses)."""
+end maps to its own terms (service.py: gRPC statuses; jsonl.py: a last error line), and the
+error new work gets while draining is the Session's own (``Session.draining_error``, set by
+its front end: -32600 over gRPC, -32001 over JSONL)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -46,11 +74,27 @@ log = logging.getLogger("codex_broker.proxy")
 # Kinds of requests the proxy sends to the app-server.
 SESSION, CALL, PROBE, INTERNAL = "session", "call", "probe", "internal"
 _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they change what the hub tracks
+# Routed off the hot path: turns begin and end, a thread/started can name its parent, and an
+# item/started or item/completed can link sub-agents (only a collabAgentToolCall item leaves it).
+_SLOW_NOTIFICATIONS = _TRACKED_NOTIFICATIONS | jsonrpc.LINEAGE_METHODS
+_ITEM_NOTIFICATIONS = frozenset({"item/started", "item/completed"})
+
+
+def _plain_item(method: str, msg: dict[str, Any]) -> bool:
+    """An item notification that cannot link a sub-agent (its item is no collab call)."""
+    if method not in _ITEM_NOTIFICATIONS:
+        return False
+    params = msg.get("params")
+    item = params.get("item") if type(params) is dict else None
+    return type(item) is dict and item.get("type") != "collabAgentToolCall"
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
 # An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
 # a client message this big is routed in a turn of the loop after the one that read it.
 LARGE_LINE = 1 << 20
 YIELD_SECONDS = 0.001
+# The last notifications no Session followed, kept for a sub-agent linked just after them.
+ORPHAN_MESSAGES = 256
+ORPHAN_BYTES = 1 << 20
 
 
 # What a result hands its requester: thread ids to follow, the review thread, the turn id.
@@ -109,7 +153,11 @@ class Hub:
         self._server_ids = itertools.count(1)
         self.sessions: dict[str, Session] = {}
         self.pending: dict[int, Pending] = {}
-        self.threads: dict[str, set[Session]] = {}
+        self.threads: dict[str, set[Session]] = {}  # a thread's followers (its ancestors' too)
+        self.parents: dict[str, str] = {}  # sub-agent thread -> the thread that spawned it
+        self.children: dict[str, set[str]] = {}  # thread -> the sub-agents it spawned
+        self._orphans: collections.deque[tuple[str, str, bytes]] = collections.deque()  # thread, method, line
+        self._orphan_bytes = 0
         self.turns: dict[tuple[str, str], Turn] = {}
         self.server_requests: dict[int, ServerRequest] = {}
         self._pending_work = 0
@@ -185,8 +233,12 @@ class Hub:
         return await future
 
     # -- Sessions ------------------------------------------------------------------------
-    def open_session(self) -> Session:
-        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow)
+    def open_session(self, *, transport: str = "grpc",
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR) -> Session:
+        """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
+        work gets while the broker drains (each front end has its own code)."""
+        session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
+                          transport=transport, draining_error=draining_error)
         self.sessions[session.id] = session
         self._on_change()
         return session
@@ -206,12 +258,16 @@ class Hub:
         if self.sessions.pop(session.id, None) is None:
             return
         session.end(Ending())
+        unfollowed = []
         for thread_id in session.threads:
             subscribers = self.threads.get(thread_id)
             if subscribers is not None:
                 subscribers.discard(session)
                 if not subscribers:
                     del self.threads[thread_id]
+                    unfollowed.append(thread_id)
+        for thread_id in unfollowed:
+            self._release(thread_id)
         self._abandon_server_requests(session)
         for turn in self.turns.values():
             if turn.owner is session:
@@ -241,9 +297,109 @@ class Hub:
         session.server_requests.clear()
 
     def _subscribe(self, session: Session, thread_id: str) -> None:
-        if session.open and thread_id not in session.threads:
-            session.threads.add(thread_id)
-            self.threads.setdefault(thread_id, set()).add(session)
+        """The Session follows the thread and its sub-agents (a Session that follows a thread
+        already follows all its sub-agents: subscriptions only ever propagate down)."""
+        if not session.open or thread_id in session.threads:
+            return
+        stack = [thread_id]
+        while stack:
+            thread_id = stack.pop()
+            if thread_id not in session.threads:
+                session.threads.add(thread_id)
+                self.threads.setdefault(thread_id, set()).add(session)
+                stack.extend(self.children.get(thread_id, ()))
+
+    # -- sub-agents ----------------------------------------------------------------------
+    def _adopt(self, child: str, parent: str) -> None:
+        """``child`` is a sub-agent of ``parent``: its messages go to the parent's followers.
+        The first link wins; one that would make a thread its own ancestor is refused."""
+        if child in self.parents:
+            return
+        ancestor: str | None = parent
+        while ancestor is not None:
+            if ancestor == child:
+                log.warning("sub-agent link %s -> %s refused: it would close a cycle", child, parent)
+                return
+            ancestor = self.parents.get(ancestor)
+        self.parents[child] = parent
+        self.children.setdefault(parent, set()).add(child)
+        for session in list(self.threads.get(parent, ())):
+            self._subscribe(session, child)
+        self._deliver_orphans(child)
+        owner = self._owner_above(child)
+        if owner is not None:  # a turn the sub-agent began before the link
+            for key in [key for key in self.turns if key[0] == child]:
+                self._begin_turn(child, key[1], owner)
+
+    def _owner_above(self, thread_id: str) -> Session | None:
+        """The Session whose running turn, on a thread above this sub-agent, spawned it: it
+        owns the sub-agent's turns too (its half-close waits for them)."""
+        ancestor = self.parents.get(thread_id)
+        while ancestor is not None:
+            for (thread, _), turn in self.turns.items():
+                if thread == ancestor and turn.owner is not None and turn.owner.open:
+                    return turn.owner
+            ancestor = self.parents.get(ancestor)
+        return None
+
+    def _keep_orphan(self, thread_id: str, method: str, line: bytes) -> None:
+        """A notification no Session follows, kept in the bounded ring of the last ones."""
+        if len(line) > ORPHAN_BYTES:
+            return
+        self._orphans.append((thread_id, method, line))
+        self._orphan_bytes += len(line)
+        while len(self._orphans) > ORPHAN_MESSAGES or self._orphan_bytes > ORPHAN_BYTES:
+            self._orphan_bytes -= len(self._orphans.popleft()[2])
+
+    def _deliver_orphans(self, thread_id: str) -> None:
+        """The kept notifications of a thread just linked go to its followers, in order."""
+        if not any(entry[0] == thread_id for entry in self._orphans):
+            return
+        kept: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        targets = list(self.threads.get(thread_id, ()))
+        for entry in self._orphans:
+            if entry[0] != thread_id:
+                kept.append(entry)
+                continue
+            self._orphan_bytes -= len(entry[2])
+            for session in targets:
+                if entry[1] not in session.opt_out:
+                    session.push(entry[2])
+        self._orphans = kept
+
+    def _running(self, thread_id: str) -> bool:
+        """Whether a turn runs on the thread or on a thread above it (a Session that resumes
+        the root mid-turn still gets the sub-agents that turn spawned)."""
+        running = {key[0] for key in self.turns}
+        ancestor: str | None = thread_id
+        while ancestor is not None:
+            if ancestor in running:
+                return True
+            ancestor = self.parents.get(ancestor)
+        return False
+
+    def _release(self, thread_id: str) -> None:
+        """Forgets a sub-agent that no Session follows, that has no remembered sub-agent and
+        on which, or above which, no turn runs; then its parent by the same rule, and so on up."""
+        while (thread_id in self.parents and thread_id not in self.threads
+               and thread_id not in self.children and not self._running(thread_id)):
+            parent = self.parents.pop(thread_id)
+            siblings = self.children[parent]
+            siblings.discard(thread_id)
+            if siblings:
+                return
+            del self.children[parent]
+            thread_id = parent
+
+    def _release_tree(self, thread_id: str) -> None:
+        """``_release`` for a thread's sub-agents, deepest first, then for the thread."""
+        order, stack = [], [thread_id]
+        while stack:
+            current = stack.pop()
+            order.append(current)
+            stack.extend(self.children.get(current, ()))
+        for current in reversed(order):
+            self._release(current)
 
     # -- from a client -------------------------------------------------------------------
     async def receive(self, session: Session, data: bytes) -> None:
@@ -302,7 +458,7 @@ class Hub:
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
             # Once stopping, a request would reach the app-server and its response be lost
             # with the Session: refuse it, so that a retry is safe.
-            session.push(error_response(client_id, jsonrpc.DRAINING_ERROR))
+            session.push(error_response(client_id, session.draining_error))
             return
         if self.overloaded():
             session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))
@@ -420,7 +576,8 @@ class Hub:
                 continue
             if type(msg) is dict:
                 method = msg.get("method")
-                if type(method) is str and "id" not in msg and method not in _TRACKED_NOTIFICATIONS:
+                if type(method) is str and "id" not in msg and (method not in _SLOW_NOTIFICATIONS
+                                                                or _plain_item(method, msg)):
                     params = msg.get("params")
                     thread_id = params.get("threadId") if type(params) is dict else None
                     if type(thread_id) is str and thread_id:
@@ -460,7 +617,9 @@ class Hub:
             else:
                 turn = params.get("turn") if method in _TRACKED_NOTIFICATIONS and type(params) is dict else None
                 turn_id = turn.get("id") if isinstance(turn, dict) else None
-                self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line)
+                spawned = jsonrpc.spawned_threads(method, params) if method in jsonrpc.LINEAGE_METHODS else []
+                self._notification(method, thread_id_of(params), turn_id if isinstance(turn_id, str) else None, line,
+                                   spawned)
         elif "id" in msg and ("result" in msg or "error" in msg):
             self._response_line(line, None, msg["id"], lambda: _result_facts(msg.get("result")))
         else:
@@ -484,7 +643,8 @@ class Hub:
             if "id" in members:
                 self._server_request(line, members, method, thread_id)
             else:
-                self._notification(method, thread_id, turn_id, line)
+                self._notification(method, thread_id, turn_id, line,
+                                   jsonrpc.spawned_threads_raw(method, members.get("params")))
         elif "id" in members and ("result" in members or "error" in members):
             raw_id = members["id"]
             proxy_id = jsonrpc.value(raw_id) if jsonrpc.request_id(raw_id) is not None else None
@@ -591,9 +751,19 @@ class Hub:
             self._maybe_finish(turn.owner)
         self._on_change()
 
-    def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes) -> None:
+    def _notification(self, method: str, thread_id: str | None, turn_id: str | None, line: bytes,
+                      spawned: list[tuple[str, str]]) -> None:
+        """``spawned``: the sub-agent links the notification names (jsonrpc.spawned_threads),
+        made before it is delivered; a thread/started that names its parent goes to the
+        sub-agent's followers, that is its parent's."""
+        for child, parent in spawned:
+            self._adopt(child, parent)
+        if spawned and method == "thread/started":
+            thread_id = spawned[0][0]
         text = line  # passed on as the app-server wrote it (decoding for routing checked its UTF-8)
         targets: Iterable[Session] = self.sessions.values() if thread_id is None else self.threads.get(thread_id, ())
+        if not targets and thread_id is not None and thread_id not in self.parents:
+            self._keep_orphan(thread_id, method, line)
         for session in list(targets):
             if method not in session.opt_out:
                 session.push(text)
@@ -604,6 +774,7 @@ class Hub:
     def _track_turn(self, method: str, thread_id: str, turn_id: str) -> None:
         if method == "turn/completed":
             self._end_turn(thread_id, turn_id)
+            self._release_tree(thread_id)
             return
         owner = None
         if (thread_id, turn_id) not in self.turns:
@@ -612,6 +783,8 @@ class Hub:
                     owner = session
                     self._unannounce(session, thread_id)
                     break
+        if owner is None and thread_id in self.parents:
+            owner = self._owner_above(thread_id)
         self._begin_turn(thread_id, turn_id, owner)
         self._on_change()
 
@@ -656,6 +829,10 @@ class Hub:
                 item.session.push(error_response(item.client_id, error))
         self.turns.clear()
         self.server_requests.clear()
+        self.parents.clear()
+        self.children.clear()
+        self._orphans.clear()
+        self._orphan_bytes = 0
         for session in list(self.sessions.values()):
             session.end(Ending(EndReason.APP_SERVER_GONE, why))
         self._on_change()

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 import orjson
@@ -490,3 +490,86 @@ def read_params(data: bytes) -> msgspec.Raw | Refusal:
         return _RAW.decode(data)  # validated, kept as written
     except (DecodeError, msgspec.DecodeError, RecursionError) as exc:
         return Refusal(error(PARSE_ERROR, f"Parse error in params_json: {exc}"))
+
+
+# -- sub-agent lineage ------------------------------------------------------------------------
+# Notifications that can tell which thread spawned another (the hub reads them off its hot path).
+LINEAGE_METHODS = frozenset({"thread/started", "item/started", "item/completed"})
+# collabAgentToolCall tools whose receivers are the sender's own sub-agents (a missing tool is
+# read as a spawn); sendInput, wait, closeAgent... only address threads already linked.
+_ADOPTING_TOOLS = frozenset({"spawnAgent", "resumeAgent"})
+
+
+def spawned_threads(method: str, params: Any) -> list[tuple[str, str]]:
+    """(sub-agent thread, the thread that spawned it) pairs a notification names, decoded:
+    ``thread/started`` whose thread names its parent (``parentThreadId``, or
+    ``source.subAgent.thread_spawn.parent_thread_id``), and a ``collabAgentToolCall`` item
+    that spawns (``senderThreadId`` -> each of ``receiverThreadIds``). Pure; [] for anything
+    else or anything malformed."""
+    if type(params) is not dict:
+        return []
+    if method == "thread/started":
+        thread = params.get("thread")
+        if not isinstance(thread, dict):
+            return []
+        child, parent = thread.get("id"), _parent_of(thread)
+        return [(child, parent)] if _name(child) and parent is not None and parent != child else []
+    if method not in LINEAGE_METHODS:
+        return []
+    item = params.get("item")
+    if not isinstance(item, dict) or item.get("type") != "collabAgentToolCall":
+        return []
+    tool, sender, receivers = item.get("tool"), item.get("senderThreadId"), item.get("receiverThreadIds")
+    if (tool is not None and tool not in _ADOPTING_TOOLS) or not _name(sender) or not isinstance(receivers, list):
+        return []
+    return [(r, sender) for r in receivers if _name(r) and r != sender]
+
+
+def _name(value: Any) -> TypeGuard[str]:
+    return isinstance(value, str) and bool(value)
+
+
+def _parent_of(thread: dict[str, Any]) -> str | None:
+    parent = thread.get("parentThreadId")
+    if _name(parent):
+        return parent
+    source = thread.get("source")
+    sub = source.get("subAgent") if isinstance(source, dict) else None
+    spawn = sub.get("thread_spawn") if isinstance(sub, dict) else None
+    parent = spawn.get("parent_thread_id") if isinstance(spawn, dict) else None
+    return parent if _name(parent) else None
+
+
+class _LineageThread(msgspec.Struct):
+    id: Any = None
+    parentThreadId: Any = None  # noqa: N815
+    source: Any = None
+
+
+class _LineageItem(msgspec.Struct):
+    type: Any = None
+    tool: Any = None
+    senderThreadId: Any = None  # noqa: N815
+    receiverThreadIds: Any = None  # noqa: N815
+
+
+class _LineageParams(msgspec.Struct):
+    thread: _LineageThread | None = None
+    item: _LineageItem | None = None
+
+
+_LINEAGE = msgspec.json.Decoder(_LineageParams)
+
+
+def spawned_threads_raw(method: str, raw: msgspec.Raw | None) -> list[tuple[str, str]]:
+    """``spawned_threads`` of a notification routed from its envelope: only the few fields it
+    reads are decoded (a big item's other members are skipped in C)."""
+    if method not in LINEAGE_METHODS or raw is None or _first(raw) != _BRACE:
+        return []
+    try:
+        params = _LINEAGE.decode(raw)
+    except msgspec.MsgspecError:
+        return []
+    decoded = {key: msgspec.structs.asdict(part) for key, part in
+               (("thread", params.thread), ("item", params.item)) if part is not None}
+    return spawned_threads(method, decoded)

@@ -215,7 +215,8 @@ def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
     sessions = [broker_pb2.SessionInfo(
         session_id=s.id, opened_at=s.opened_at, client_name=proto_text(s.client_name),
         pending_requests=len(s.pending), subscribed_threads=len(s.threads), half_closed=s.half_closed,
-        queued_bytes=s.queued_bytes, opt_out_notification_methods=proto_texts(sorted(s.opt_out)))
+        queued_bytes=s.queued_bytes, opt_out_notification_methods=proto_texts(sorted(s.opt_out)),
+        transport=s.transport)
         for s in hub.sessions.values()]
     cfg = broker.config
     return broker_pb2.BrokerStatus(

@@ -7,7 +7,9 @@ limit is dropped at that moment: its buffer is freed and its handler is told to 
 (SLOW_CLIENT).
 
 Nothing here knows the transport: a Session ends with an ``Ending`` (a reason and details),
-which each front end turns into its own terms (service.py: a gRPC status)."""
+which each front end turns into its own terms (service.py: a gRPC status; jsonl.py: a last
+JSON-RPC error line). The front end that opens a Session gives it its name and the error its
+new work gets while the broker drains."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,9 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from proxy import jsonrpc
 from proxy.frames import encode_frame
 
 BATCH_MAX_MESSAGES = 4096
@@ -56,6 +60,9 @@ class Session:
     on_overflow: Callable[[Session], None]
     opened_at: float = field(default_factory=time.time)
     client_name: str = ""
+    transport: str = "grpc"  # the front end's name, for Status
+    # What new work gets while the broker drains: each front end says (the codes differ).
+    draining_error: dict[str, Any] = field(default_factory=lambda: jsonrpc.DRAINING_ERROR)
     initialized: bool = False
     opt_out: frozenset[str] = frozenset()
     half_closed: bool = False

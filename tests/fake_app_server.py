@@ -65,6 +65,20 @@ Turn switches: words in the turn's input text (turn/start input items' text)
               call (one os.write when the pipe has room and nothing else is queued), to check
               that a proxy keeps order within a chunk. seconds/approve/crash/hang are ignored.
 
+  subagents=N the turn spawns a chain of N nested sub-agents, in the order codex writes it: the
+              first sub-agent's thread/started {thread: {id, agentNickname: "Scout-1", name}}
+              (no parent field), then the turn's own turn/started, then on the spawning thread
+              item/started {item: {type: "collabAgentToolCall", tool: "spawnAgent", senderThreadId,
+              receiverThreadIds: [child], ...}}, then the sub-agent's turn on its own thread id
+              (turn/started, [the next sub-agent's thread/started and collab item, its turn],
+              item/started, subdeltas=K deltas "s0 ".. (default 3), item/completed,
+              turn/completed), then item/completed of the collab item on the spawning thread;
+              then the parent's own item/started, deltas... as usual.
+  subparent=1 each sub-agent's thread/started names its parent as codex 0.169 does
+              (thread.parentThreadId and source.subAgent.thread_spawn.parent_thread_id).
+  subapprove=1 the deepest sub-agent asks item/commandExecution/requestApproval on its own
+              thread before its deltas (its first delta is then "decision=D ").
+
 Server->client request ids are integers counting from 0 (a client that tests an id for
 truthiness is caught).
 
@@ -273,6 +287,12 @@ class Shape:
         m = re.search(r"\bhang=([12])\b", text)
         self.hang = int(m.group(1)) if m else 0
         self.chunk = re.search(r"\bchunk=1\b", text) is not None
+        m = re.search(r"\bsubagents=(\d+)", text)
+        self.subagents = int(m.group(1)) if m else 0
+        m = re.search(r"\bsubdeltas=(\d+)", text)
+        self.subdeltas = int(m.group(1)) if m else 3
+        self.subparent = re.search(r"\bsubparent=1\b", text) is not None
+        self.subapprove = re.search(r"\bsubapprove=1\b", text) is not None
 
 
 def turn_text(params):
@@ -640,7 +660,12 @@ class FakeAppServer:
         parts, status = [], "completed"
         deltas, seconds = shape.deltas, shape.seconds
         item = {"type": item_type, "id": item_id} | ({"text": ""} if item_type == "agentMessage" else {})
+        chain = [self.new_id("thread") for _ in range(shape.subagents)]
+        if chain:
+            self.announce_sub_agent(chain[0], thread_id, 1, shape)
         self.note("turn/started", {"threadId": thread_id, "turn": {"id": turn_id, "status": "inProgress"}})
+        if chain:
+            await self.run_sub_agents(thread_id, turn_id, chain, shape)
         if shape.hang:
             await self.wedge(shape.hang == 2)
         self.note("item/started", {**base, "item": item})
@@ -699,6 +724,46 @@ class FakeAppServer:
         self.note("item/completed", {**base, "item": item})
         turn = {"id": turn_id, "status": status, "items": []}
         self.note("turn/completed", {"threadId": thread_id, "turn": turn})
+
+
+    def announce_sub_agent(self, child, parent, depth, shape):
+        thread = {"id": child, "preview": "", "cwd": None, "name": None, "agentNickname": f"Scout-{depth}"}
+        if shape.subparent:
+            thread["parentThreadId"] = parent
+            thread["source"] = {"subAgent": {"thread_spawn": {"parent_thread_id": parent, "depth": depth}}}
+        self.threads[child] = dict(thread, turns=[])
+        self.note("thread/started", {"thread": thread})
+
+    async def run_sub_agents(self, sender, sender_turn, chain, shape):
+        """The sub-agent chain[0], spawned by `sender` in its turn, and the rest of the chain
+        nested under it (see subagents=N)."""
+        child, rest = chain[0], chain[1:]
+        collab = {"type": "collabAgentToolCall", "id": f"collab-{child}", "tool": "spawnAgent",
+                  "status": "inProgress", "senderThreadId": sender, "receiverThreadIds": [child],
+                  "prompt": "help", "model": None, "reasoningEffort": None, "agentsStates": {}}
+        self.note("item/started", {"threadId": sender, "turnId": sender_turn, "item": collab})
+        turn_id = self.new_id("turn")
+        base = {"threadId": child, "turnId": turn_id}
+        self.note("turn/started", {"threadId": child, "turn": {"id": turn_id, "status": "inProgress"}})
+        if rest:
+            self.announce_sub_agent(rest[0], child, len(chain) - len(rest) + 1, shape)
+            await self.run_sub_agents(child, turn_id, rest, shape)
+        item = {"type": "agentMessage", "id": f"item-{turn_id}", "text": ""}
+        self.note("item/started", {**base, "item": item})
+        parts = []
+        if shape.subapprove and not rest:
+            answer = await self.server_request("item/commandExecution/requestApproval", {
+                **base, "itemId": f"cmd-{turn_id}", "command": "echo sub", "cwd": "."})
+            result = answer.get("result") if "error" not in answer else None
+            decision = result.get("decision") if isinstance(result, dict) else None
+            parts.append(f"decision={decision if isinstance(decision, str) and decision else 'decline'} ")
+        parts += [f"s{i} " for i in range(shape.subdeltas)]
+        for delta in parts:
+            self.note("item/agentMessage/delta", {**base, "itemId": item["id"], "delta": delta})
+        self.note("item/completed", {**base, "item": dict(item, text="".join(parts))})
+        self.note("turn/completed", {"threadId": child, "turn": {"id": turn_id, "status": "completed", "items": []}})
+        self.note("item/completed", {"threadId": sender, "turnId": sender_turn,
+                                     "item": dict(collab, status="completed")})
 
 
 class StdoutProtocol(asyncio.streams.FlowControlMixin):

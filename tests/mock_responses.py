@@ -33,6 +33,12 @@ request's ``input`` and read ``key=value`` directives from it:
   ``function_call_output``, gets the normal text reply.
 * ``cmd=A+B``     (with ``approve=1``) the shell command, ``+`` standing for a space;
   default ``uname -s`` (no side effects).
+* ``spawn=1``     the first response of the turn is a ``spawn_agent`` tool call (in the
+  ``multi_agent_v1`` namespace codex 0.169 advertises), so codex spawns a sub-agent thread.
+  Its task is ``sub-agent task reply=W deltas=N`` with W = ``subreply`` (default ``sub``)
+  and N = ``subdeltas`` (default 2): the sub-agent's own turn gets the normal text reply.
+  The follow-up request of the spawning turn gets the normal text reply. ``subapprove=1``
+  adds ``approve=1`` to the task: the sub-agent's turn asks for a command approval.
 
 Tests can also script replies: :meth:`MockResponses.enqueue_text`,
 :meth:`~MockResponses.enqueue_shell_call`, :meth:`~MockResponses.enqueue_events`,
@@ -245,6 +251,17 @@ def tool_names(body: Any) -> list[str]:
             if isinstance(name, str):
                 names.append(name)
     return names
+
+
+def _namespace_of(body: Any, function: str) -> str | None:
+    """The name of the tool namespace that offers ``function``, if one does."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("name"), str):
+            inner = tool.get("tools")
+            if isinstance(inner, list) and any(isinstance(t, dict) and t.get("name") == function for t in inner):
+                return tool["name"]
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -482,11 +499,26 @@ class MockResponses:
             call = ev_local_shell_call(call_id, ["bash", "-lc", command])
         return Reply(events=[(0.0, ev_response_created(resp_id)), (0.0, call), (0.0, ev_completed(resp_id))])
 
+    def spawn_agent_reply(self, body: Any, task: str) -> Reply:
+        """A ``spawn_agent`` call with ``task`` as the sub-agent's message, in the namespace
+        the request offers it in (codex 0.169: ``multi_agent_v1``)."""
+        resp_id, call_id = self._next_id("resp"), self._next_id("call")
+        call = ev_function_call(call_id, "spawn_agent", json.dumps({"message": task}))
+        namespace = _namespace_of(body, "spawn_agent")
+        if namespace is not None:
+            call["item"]["namespace"] = namespace
+        return Reply(events=[(0.0, ev_response_created(resp_id)), (0.0, call), (0.0, ev_completed(resp_id))])
+
     def default_reply(self, body: Any) -> Reply:
         text = last_user_text(body)
         d = parse_directives(text)
         if d.get("approve") == "1" and not has_tool_output_after_last_user(body):
             return self.shell_call_reply(body, d.get("cmd", DEFAULT_APPROVAL_COMMAND).replace("+", " "))
+        if d.get("spawn") == "1" and not has_tool_output_after_last_user(body):
+            task = f"sub-agent task reply={d.get('subreply', 'sub')} deltas={_int(d.get('subdeltas'), 2)}"
+            if d.get("subapprove") == "1":
+                task += " approve=1"
+            return self.spawn_agent_reply(body, task)
         word, deltas, delay = _text_plan(text)
         return self.text_reply([word] * deltas, delay)
 

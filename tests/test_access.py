@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fault_support import OtherUser, ServedBroker, fake_command, new_marker, processes_with, short_dir, wait_gone
+from fault_support import OtherUser
+from harness import fake_command, new_marker, processes_with, serve, short_dir, wait_gone
 
 from lifecycle import identity
 from lifecycle.ensure import ensure_broker
@@ -86,10 +87,10 @@ def assert_refused(other: OtherUser, sock: str, endpoint: str, world_socket: str
 
 def test_served_broker_socket_is_0600_in_a_0700_dir_and_another_user_cannot_connect(
         tmp_path, other, world_socket):
-    b = ServedBroker(log_path=tmp_path / "broker.log")
+    b = serve(log_path=tmp_path / "broker.log")
     try:
         assert_private(b.sock)
-        assert b.health() == "SERVING"  # the owner gets in
+        assert b.health_name() == "SERVING"  # the owner gets in
         require(other)
         assert_refused(other, b.sock, b.endpoint, world_socket)
         # The socket's own mode refuses too, even with the directory opened for traversal.
@@ -99,7 +100,7 @@ def test_served_broker_socket_is_0600_in_a_0700_dir_and_another_user_cannot_conn
         finally:
             os.chmod(b.dir, 0o700)
         assert attempt["connected"] is False and attempt["errno"] == errno.EACCES, attempt
-        assert b.health() == "SERVING"
+        assert b.health_name() == "SERVING"
         assert b.status().open_sessions == 0
     finally:
         problems = b.stop()
@@ -114,7 +115,7 @@ def test_ensured_broker_lives_in_private_dirs_and_another_user_cannot_connect(
     workspace.mkdir()
     monkeypatch.setenv("CODEX_BROKER_STATE_DIR", state)
     monkeypatch.setenv("CODEX_BROKER_RUNTIME_DIR", runtime)
-    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker))
+    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker=marker))
     b = None
     try:
         b = ensure_broker(workspace)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from fault_support import CHANNEL_OPTIONS, RawSession, ServedBroker
+from harness import CHANNEL_OPTIONS, BrokerProcess, SessionClient
 
 from protos import broker_pb2, broker_pb2_grpc
 
@@ -27,30 +26,14 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 90.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., ServedBroker]]:
-    """Factory of ``python -m proxy serve`` brokers; each is stopped by its PID at teardown and
-    the test fails if it left a process or its socket directory behind."""
-    started: list[ServedBroker] = []
-
-    def start(*flags: str, **kw: Any) -> ServedBroker:
-        b = ServedBroker(*flags, log_path=tmp_path / f"broker{len(started) + 1}.log", **kw)
-        started.append(b)
-        return b
-
-    yield start
-    problems = [p for b in started for p in b.stop()]
-    assert not problems, "\n".join(problems)
-
-
-async def still_serving(b: ServedBroker, channel: grpc.aio.Channel) -> None:
+async def still_serving(b: BrokerProcess, channel: grpc.aio.Channel) -> None:
     """The broker answers a real Health Check with SERVING, is the same process, and serves a
     request on a brand-new Session."""
     assert b.alive(), f"broker exited with {b.proc.returncode}:\n{b.tail()}"
-    assert await asyncio.to_thread(b.health) == "SERVING"
+    assert await asyncio.to_thread(b.health_name) == "SERVING"
     status = await asyncio.to_thread(b.status)
     assert status.pid == b.pid and status.state == broker_pb2.BROKER_STATE_SERVING
-    fresh = RawSession(channel)
+    fresh = SessionClient(channel)
     try:
         reply = await fresh.request("thread/loaded/list")
         assert "result" in reply, reply
@@ -64,7 +47,7 @@ async def call(channel: grpc.aio.Channel, method: str, params_json: str, timeout
     return await broker_pb2_grpc.AppServerStub(channel).Call(request, timeout=timeout)
 
 
-async def one_error_then_ok(s: RawSession, text: str) -> dict[str, Any]:
+async def one_error_then_ok(s: SessionClient, text: str) -> dict[str, Any]:
     """Sends ``text``, then a good request; returns the one error the bad text got (and checks
     that nothing else arrived in between, and that the Session is still open)."""
     before = len(s.messages)
@@ -91,7 +74,7 @@ def test_invalid_json_gets_a_parse_error_and_the_session_stays_open(served, text
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             error = await one_error_then_ok(s, text)
             assert error["id"] is None and error["error"]["code"] == -32700, error
             assert error["error"]["message"].startswith("Parse error"), error
@@ -109,7 +92,7 @@ def test_nan_and_infinity_are_not_json_and_get_a_parse_error(served, constant):
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             error = await one_error_then_ok(
                 s, f'{{"id": "c-1", "method": "fake/echo", "params": {{"x": {constant}}}}}')
             assert error.get("error", {}).get("code") == -32700 and error["id"] is None, (
@@ -130,7 +113,7 @@ def test_numbers_reach_the_app_server_with_their_exact_value(served, tmp_path):
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_text('{"id": "n-1", "method": "fake/echo", "params": {"x": [' + ", ".join(numbers) + "]}}")
             await s.response("n-1")
             await s.close()
@@ -158,7 +141,7 @@ def test_non_object_json_gets_one_invalid_request_with_null_id(served, tmp_path,
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             error = await one_error_then_ok(s, text)
             assert error["id"] is None and error["error"]["code"] == -32600, error
             assert kind in error["error"]["message"], error
@@ -182,7 +165,7 @@ def test_missing_method_gets_invalid_request_under_its_own_id(served, text, req_
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             error = await one_error_then_ok(s, text)
             assert error["error"]["code"] == -32600, error
             assert "method" in error["error"]["message"], error
@@ -200,12 +183,12 @@ def test_70mb_client_message_is_refused_with_resource_exhausted_and_nothing_else
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            bystander = RawSession(channel)
+            bystander = SessionClient(channel)
             thread = (await bystander.request("thread/start", {}))["result"]["thread"]["id"]
             turn = await bystander.request("turn/start", {"threadId": thread, "input": "deltas=30 seconds=1.5"})
             assert "result" in turn, turn
 
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_text(big)
             assert await s.wait_end() == grpc.StatusCode.RESOURCE_EXHAUSTED, s.details
             assert "larger than max" in (s.details or ""), s.details
@@ -235,7 +218,7 @@ def test_invalid_utf8_from_the_app_server_is_logged_and_skipped(served):
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             reply = await s.request("fake/garbage", {"kind": "utf8"})
             assert reply["result"] == {"ok": True}, reply
             reply = await call(channel, "fake/garbage", json.dumps({"kind": "utf8"}))
@@ -255,8 +238,8 @@ def test_unknown_method_error_from_the_app_server_passes_through(served):
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
-            reply = await s.response(await s.send_request("no/such/method", {}, req_id="mine-1"))
+            s = SessionClient(channel)
+            reply = await s.response(await s.send_request("no/such/method", {}, id="mine-1"))
             assert reply["id"] == "mine-1" and reply["error"]["code"] == -32601, reply
             assert "no/such/method" in reply["error"]["message"], reply
             answer = await call(channel, "no/such/method", "{}")
@@ -278,7 +261,7 @@ def test_a_session_that_sends_nothing_stays_open_and_status_shows_it(served):
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
             opened = time.time()
-            s = RawSession(channel)
+            s = SessionClient(channel)
             st = await asyncio.to_thread(b.status_until, lambda st: st.open_sessions == 1, "the silent Session")
             session_id = st.sessions[0].session_id
             assert st.sessions[0].pending_requests == 0 and not st.sessions[0].half_closed
@@ -290,7 +273,7 @@ def test_a_session_that_sends_nothing_stays_open_and_status_shows_it(served):
             st = await asyncio.to_thread(b.status)
             assert [x.session_id for x in st.sessions] == [session_id]
             assert st.health == "SERVING" and not st.in_flight_turns and st.pending_requests == 0
-            assert await asyncio.to_thread(b.health) == "SERVING"
+            assert await asyncio.to_thread(b.health_name) == "SERVING"
             await s.close()
             await asyncio.to_thread(b.status_until, lambda st: st.open_sessions == 0, "the Session to close")
             await still_serving(b, channel)
@@ -303,14 +286,14 @@ def test_client_that_disconnects_mid_request_leaves_the_broker_serving(served):
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_request("fake/slow", {"seconds": 3})
             await asyncio.to_thread(b.status_until, lambda st: st.pending_requests == 1, "the pending request")
             await s.close()
             # The Session is gone at once; its request stays pending until the app-server answers.
             st = await asyncio.to_thread(b.status_until, lambda st: st.open_sessions == 0, "the Session to close")
             assert st.pending_requests == 1, st
-            assert await asyncio.to_thread(b.health) == "SERVING"
+            assert await asyncio.to_thread(b.health_name) == "SERVING"
             await asyncio.to_thread(b.status_until, lambda st: st.pending_requests == 0,
                                     "the late response to be dropped", 15)
             await still_serving(b, channel)
@@ -325,7 +308,7 @@ def test_client_that_disconnects_mid_server_request_gets_the_app_server_a_32000(
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             params: dict[str, Any] = {}
             if scoped:
                 thread = (await s.request("thread/start", {}))["result"]["thread"]["id"]
@@ -353,7 +336,7 @@ def test_answer_to_an_unknown_server_request_is_dropped_and_the_session_stays_op
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             for msg in ({"id": 12345, "result": {"decision": "accept"}}, {"id": "nope", "error": {"code": 1}}):
                 await s.send(msg)
             assert "result" in await s.request("thread/loaded/list")

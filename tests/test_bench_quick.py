@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from harness import ROOT
 
 FIGURES = [
     "unary.direct.p50_us", "unary.direct.p90_us", "unary.direct.p99_us",

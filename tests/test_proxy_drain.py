@@ -9,7 +9,8 @@ import time
 
 import grpc
 import pytest
-from conftest import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
     NOT_SERVING,
     SERVING,
     SessionClient,
@@ -21,7 +22,6 @@ from conftest import (
     status_until,
     wait_gone,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 

@@ -10,7 +10,8 @@ import time
 import grpc
 import psutil
 import pytest
-from conftest import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
     SERVING,
     SessionClient,
     aio_channel,
@@ -18,7 +19,6 @@ from conftest import (
     status_until,
     wait_gone,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 

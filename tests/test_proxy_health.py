@@ -7,7 +7,10 @@ import time
 
 import grpc
 import pytest
-from conftest import (
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from harness import (
     NOT_SERVING,
     SERVING,
     aio_channel,
@@ -17,9 +20,6 @@ from conftest import (
     run,
     wait_for,
 )
-from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 Status = health_pb2.HealthCheckResponse
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 import psutil
-from conftest import fake_command, new_marker, processes_with, short_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import fake_command, new_marker, processes_with, short_dir
 
 from proxy import child
 from proxy.broker import Broker

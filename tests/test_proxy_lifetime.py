@@ -13,7 +13,8 @@ import time
 import grpc
 import psutil
 import pytest
-from conftest import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import (
     NOT_SERVING,
     SessionClient,
     aio_channel,
@@ -23,7 +24,6 @@ from conftest import (
     wait_for,
     wait_gone,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy.broker import MAX_DRAIN_DEADLINE, drain_seconds

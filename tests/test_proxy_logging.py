@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import SERVING, run_serve, wait_for
+from harness import SERVING, run_serve, wait_for
 from lifecycle_support import world_for
 
 from proxy.appserver import STDERR_BURST, STDERR_RATE, RateLimit

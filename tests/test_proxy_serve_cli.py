@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from conftest import (
+from harness import (
     ROOT,
     SERVING,
     error_lines,

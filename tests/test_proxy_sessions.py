@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import grpc
-from conftest import (
+from harness import (
     WAIT,
     SessionClient,
     aio_channel,

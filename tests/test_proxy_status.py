@@ -8,7 +8,7 @@ import time
 
 import grpc
 import psutil
-from conftest import SessionClient, aio_channel, run, status, status_until
+from harness import SessionClient, aio_channel, run, status, status_until
 
 from protos import broker_pb2, broker_pb2_grpc
 

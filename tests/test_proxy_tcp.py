@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import error_lines, fake_command, new_marker, processes_with, run_serve, wait_gone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import error_lines, fake_command, new_marker, processes_with, run_serve, wait_gone
 
 from lifecycle.client import BrokerClient
 from lifecycle.errors import RpcFailed

@@ -26,8 +26,8 @@ from typing import Any
 
 import grpc
 import pytest
-from fault_support import CHANNEL_OPTIONS, ROOT, RawSession, ServedBroker, fake_command, new_marker, short_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import CHANNEL_OPTIONS, ROOT, SessionClient, fake_command, new_marker, short_dir
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy.broker import Broker
@@ -41,22 +41,6 @@ DECLINE = -32000
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 100.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Callable[..., ServedBroker]]:
-    """Factory of ``python -m proxy serve`` brokers, each stopped by its PID at teardown; the
-    test fails if one left a process or its socket directory behind."""
-    started: list[ServedBroker] = []
-
-    def start(*flags: str, **kw: Any) -> ServedBroker:
-        b = ServedBroker(*flags, log_path=tmp_path / f"broker{len(started) + 1}.log", **kw)
-        started.append(b)
-        return b
-
-    yield start
-    problems = [p for b in started for p in b.stop()]
-    assert not problems, "\n".join(problems)
 
 
 def field(number: int, payload: bytes) -> bytes:
@@ -147,7 +131,7 @@ def test_json_nested_deeper_than_the_app_server_parses_gets_invalid_request_and_
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_text(nested(depth))
             error = await s.wait_message(lambda m: "error" in m)
             assert error["id"] is None and error["error"]["code"] == -32600, error
@@ -164,7 +148,7 @@ def test_nesting_to_the_app_servers_limit_is_relayed_and_one_level_more_is_refus
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_text(nested(127))
             echoed = await s.response("deep")
             assert "result" in echoed, echoed
@@ -242,7 +226,7 @@ def test_an_answer_that_cannot_be_relayed_is_declined_and_the_turn_goes_on(serve
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            s = RawSession(channel)
+            s = SessionClient(channel)
             thread = (await s.request("thread/start", {}))["result"]["thread"]["id"]
             turn = await s.request("turn/start", {"threadId": thread, "input": "approve=1 deltas=2"})
             assert "result" in turn, turn
@@ -273,9 +257,9 @@ def test_a_notification_with_newlines_inside_reaches_the_app_server_as_one_line_
 
     async def main():
         async with grpc.aio.insecure_channel(b.endpoint, options=CHANNEL_OPTIONS) as channel:
-            victim = RawSession(channel)
+            victim = SessionClient(channel)
             slow = await victim.send_request("fake/slow", {"seconds": 1})
-            s = RawSession(channel)
+            s = SessionClient(channel)
             await s.send_text(smuggler)
             await s.send_text(pretty)
             echoed = await s.response("pretty")
@@ -299,7 +283,7 @@ def test_a_notification_with_newlines_inside_reaches_the_app_server_as_one_line_
 async def broker_in_process() -> AsyncIterator[tuple[Broker, str]]:
     base = short_dir()
     sock = os.path.join(base, "d", "s.sock")
-    config = ServeConfig(endpoint=f"unix:{sock}", app_server=shlex.split(fake_command(new_marker())), cwd=base)
+    config = ServeConfig(endpoint=f"unix:{sock}", app_server=shlex.split(fake_command(marker=new_marker())), cwd=base)
     broker = Broker(config)
     running = asyncio.create_task(broker.run())
     try:
@@ -349,7 +333,7 @@ def test_an_exception_while_routing_a_message_ends_that_session_with_internal_an
     async def main():
         async with broker_in_process() as (broker, endpoint), \
                 grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) as channel:
-            s, bystander = RawSession(channel), RawSession(channel)
+            s, bystander = SessionClient(channel), SessionClient(channel)
             await s.send_request("fake/boom")
             assert await s.wait_end() == grpc.StatusCode.INTERNAL, s.details
             assert "internal error" in (s.details or ""), s.details
@@ -440,7 +424,7 @@ def test_two_62mb_messages_of_high_precision_numbers_delay_neither_health_nor_a_
     def check_health() -> None:
         while not stop.is_set():
             started = time.monotonic()
-            answers.add(b.health(timeout=30))
+            answers.add(b.health_name(timeout=30))
             latencies.append(time.monotonic() - started)
             stop.wait(0.05)
 

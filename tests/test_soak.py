@@ -35,18 +35,8 @@ from typing import Any
 
 import psutil
 import pytest
-from fault_support import (
-    WAIT,
-    Ledger,
-    RecordingSession,
-    ServedBroker,
-    fake_command,
-    new_marker,
-    open_fds,
-    processes_with,
-    short_dir,
-    wait_for,
-)
+from fault_support import Ledger, RecordingSession
+from harness import WAIT, fake_command, new_marker, open_fds, processes_with, serve, short_dir, wait_for
 
 from lifecycle import cli, identity
 from lifecycle.client import BrokerClient
@@ -451,7 +441,7 @@ def test_soak_rotations_and_an_app_server_kill_lose_and_duplicate_nothing(tmp_pa
     workspace.mkdir()
     monkeypatch.setenv("CODEX_BROKER_STATE_DIR", state_dir)
     monkeypatch.setenv("CODEX_BROKER_RUNTIME_DIR", runtime_dir)
-    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker))
+    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker=marker))
     request_log = tmp_path / "app-server-stdin.jsonl"  # every app-server appends what it receives
     monkeypatch.setenv("FAKE_LOG_REQUESTS", str(request_log))
     monkeypatch.delenv("CODEX_BROKER_MAX_AGE_HOURS", raising=False)
@@ -582,7 +572,7 @@ def test_drain_under_request_load_never_drops_a_response_the_app_server_produced
     pending_at_end = 0
     for round_ in range(8):
         log = tmp_path / f"app-server-stdin-{round_}.jsonl"
-        b = ServedBroker(env={"FAKE_LOG_REQUESTS": str(log)}, log_path=tmp_path / f"broker-{round_}.log")
+        b = serve(env={"FAKE_LOG_REQUESTS": str(log)}, log_path=tmp_path / f"broker-{round_}.log")
         failed: list[tuple[str, int | None, str]] = []
         answered = threading.Barrier(5)
         threads = [threading.Thread(target=hammer, args=(b.endpoint, f"{round_}-{n}", failed, answered))

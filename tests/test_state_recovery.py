@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fault_support import fake_command, new_marker, processes_with, short_dir, wait_for, wait_gone
+from harness import fake_command, new_marker, processes_with, short_dir, wait_for, wait_gone
 
 from lifecycle import identity
 from lifecycle.client import BrokerClient
@@ -70,7 +70,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Works
     ws.path.mkdir()
     monkeypatch.setenv("CODEX_BROKER_STATE_DIR", ws.state_dir)
     monkeypatch.setenv("CODEX_BROKER_RUNTIME_DIR", ws.runtime_dir)
-    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker))
+    monkeypatch.setenv("CODEX_BROKER_APP_SERVER", fake_command(marker=marker))
     try:
         yield ws
     finally:

@@ -8,6 +8,7 @@ The fake original is not the upstream file: its sha256 is made known through
 CODEX_BROKER_COMPANION_EXTRA_SHA256, the variable that exists for this."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from proc_support import wait_for
+from proc_support import processes_with, wait_for
 
 from lifecycle import companion
 
@@ -501,3 +502,70 @@ def test_files_that_are_not_regular_files_of_ours_are_refused_by_every_decision(
 def test_decide_uninstall(data: bytes, backup: bytes | None, action: companion.Action) -> None:
     observed = companion.classify(data, KNOWN, None)
     assert companion.decide_uninstall(observed, backup, False).action is action
+
+
+# -- the launcher in front of the real codex-broker -------------------------------------------------
+def _jsonl_exchange(path: Path, *messages: dict[str, object]) -> list[dict[str, object]]:
+    """Send requests (and notifications) on one JSONL connection; the answers to the requests, in order."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(WAIT)
+        sock.connect(str(path))
+        stream = sock.makefile("rwb")
+        answers = []
+        for message in messages:
+            stream.write(json.dumps(message).encode() + b"\n")
+            stream.flush()
+            while "id" in message:
+                reply = json.loads(stream.readline())
+                if reply.get("id") == message["id"]:
+                    answers.append(reply)
+                    break
+        return answers
+
+
+def test_the_launcher_serves_the_companion_through_the_real_codex_broker(claude: Claude) -> None:
+    from lifecycle.client import BrokerClient
+
+    root = claude.add_version("1.0.5")
+    assert claude.cli("install").returncode == 0  # this installation's codex-broker
+    marker = f"cxcomp{os.getpid()}x{id(claude)}"
+    directory = Path(tempfile.mkdtemp(prefix="cxc-", dir="/tmp"))
+    env = {**claude.env, "FAKE_ORIGINAL_LOG": str(claude.tmp / "original.log"),
+           "CODEX_BROKER_APP_SERVER": f"{sys.executable} {ROOT / 'tests' / 'fake_app_server.py'} --marker={marker}"}
+    with open(directory / "broker.log", "ab") as out:
+        launcher = subprocess.Popen(["node", str(broker_file(root)), "serve",
+                                     f"--endpoint=unix:{directory}/broker.sock", "--cwd", str(claude.tmp),
+                                     "--pid-file", str(directory / "broker.pid")],
+                                    cwd=claude.tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True)
+    try:
+        launched = Launched(launcher, directory, claude.tmp / "original.log")
+        launched.wait_ready()
+        init, thread = _jsonl_exchange(launched.jsonl, {"id": 1, "method": "initialize", "params": {
+            "clientInfo": {"name": "companion-test", "version": "1"}}}, {"method": "initialized"},
+            {"id": 2, "method": "thread/start", "params": {"cwd": str(claude.tmp)}})
+        assert "result" in init and thread["result"]["thread"]["id"]  # type: ignore[index]
+        with BrokerClient(f"unix:{launched.grpc}") as client:
+            assert client.health(timeout=WAIT) == "SERVING"
+            status = client.status(timeout=WAIT)
+        assert os.getpgid(status.pid) == launcher.pid  # the broker: in the launcher's group
+        assert os.getpgid(status.app_server_pid) != launcher.pid  # its app-server: in a group of its own
+        assert status.instance_id and (directory / "broker.pid").read_text().strip() == str(status.pid)
+
+        [shutdown] = _jsonl_exchange(launched.jsonl, {"id": 3, "method": "broker/shutdown", "params": {}})
+        assert shutdown == {"id": 3, "result": {}}
+        os.killpg(launcher.pid, signal.SIGTERM)  # then the companion's clean-up, at once
+        for name in ("broker.pid", "broker.log", "broker.sock"):
+            (directory / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+        assert launcher.wait(timeout=WAIT) == 0
+        assert not directory.exists()
+        assert not (claude.tmp / "original.log").exists()  # the original Node broker never ran
+        wait_for(lambda: not processes_with(marker), WAIT, "the app-server to be gone")
+    finally:
+        if launcher.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=WAIT)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -153,6 +153,8 @@ def format_status(status: Any, now: float | None = None) -> str:
         ("sessions", str(status.open_sessions)),
         ("in-flight turns", str(len(status.in_flight_turns))),
         ("pending requests", str(status.pending_requests)),
+        ("max age", _max_age(status, now)),
+        ("exit if wedged", _exit_when_wedged(status)),
     ]
     if status.drain_deadline:
         rows.append(("drain", f"{status.drain_reason or '-'}; deadline in {_age(status.drain_deadline - now)}"))
@@ -163,6 +165,29 @@ def format_status(status: Any, now: float | None = None) -> str:
     for t in status.in_flight_turns:
         lines.append(f"  turn {t.turn_id or '?'} on thread {t.thread_id or '?'}: running {_since(now, t.started_at)}")
     return "\n".join(lines)
+
+
+def _max_age(status: Any, now: float) -> str:
+    """The broker's own max age, and when it drains itself by it."""
+    if not status.HasField("max_age_hours"):
+        return "not reported (an older broker)"
+    hours = status.max_age_hours
+    if not math.isfinite(hours) or hours < 0:
+        return _number(hours)
+    if hours == 0:
+        return "never (no self-drain)"
+    return f"{_number(hours, 'g')} h, drains itself in {_age(status.started_at + hours * 3600 - now)}"
+
+
+def _exit_when_wedged(status: Any) -> str:
+    if not status.HasField("exit_when_wedged_seconds"):
+        return "not reported (an older broker)"
+    seconds = status.exit_when_wedged_seconds
+    if not math.isfinite(seconds) or seconds < 0:
+        return _number(seconds)
+    if seconds == 0:
+        return "never"
+    return f"after {_number(seconds, 'g')} s wedged (exit 1)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

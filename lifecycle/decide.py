@@ -17,7 +17,6 @@ broker's own rule.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,8 +24,8 @@ from lifecycle.errors import UsageError
 from proxy import contract
 from proxy.contract import resolve_codex_home  # noqa: F401 (one rule, re-exported for callers)
 
-DEFAULT_MAX_AGE_HOURS = 6.0
-MAX_AGE_ENV = ("CODEX_BROKER_MAX_AGE_HOURS", "CODEX_COMPANION_BROKER_MAX_AGE_HOURS")
+DEFAULT_MAX_AGE_HOURS = contract.DEFAULT_MAX_AGE_HOURS
+MAX_AGE_ENV = contract.MAX_AGE_ENV
 HANG_THRESHOLD = 3.0  # the broker's own rule (serve --probe-timeout default): silence this long is a hang
 WEDGE_MARGIN = 1.0
 WEDGE_WINDOW = HANG_THRESHOLD + WEDGE_MARGIN  # silence needed before a broker counts as wedged
@@ -65,7 +64,7 @@ class Observation:
     health: str | None  # SERVING, NOT_SERVING; None when it did not answer
     started_at: float  # the broker's start (a starting record: when its spawn began)
     now: float
-    max_age_seconds: float
+    max_age_seconds: float  # the caller's setting: what a broker it spawns gets
     record_app_server_command: tuple[str, ...]
     wanted_app_server_command: tuple[str, ...]
     record_codex_home: str
@@ -75,6 +74,8 @@ class Observation:
     silent_seconds: float = 0.0  # how long it was tried with no answer of any kind (0: it answered)
     probe_attempts: int = 0  # how many attempts that silence spans
     wedge_window_seconds: float = WEDGE_WINDOW
+    # The broker's own max age (Status), else the record's; None for a broker too old to say.
+    broker_max_age_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _verified(obs: Observation) -> Decision:
         reason = f"unhealthy: Health answered {answer}; asked to drain without force"
         return Decision(Verdict.UNHEALTHY, spawn=True, drain=True, reason=reason, signal_allowed=True)
     if _is_aged(obs):
-        age, limit = _hours(obs.now - obs.started_at), _hours(obs.max_age_seconds)
+        age, limit = _hours(obs.now - obs.started_at), _hours(applied_max_age(obs))
         reason = f"aged: started {age} ago, max age {limit}"
         return Decision(Verdict.AGED, spawn=True, drain=True, reason=reason, signal_allowed=True)
     mismatch = _mismatch(obs)
@@ -174,9 +175,17 @@ def _silent(obs: Observation) -> Decision:
     return Decision(Verdict.SILENT, spawn=True, reason=reason, signal_allowed=True)
 
 
+def applied_max_age(obs: Observation) -> float:
+    """The max age a broker is judged by: its own (it was spawned with it, and drains itself at
+    it), so a caller's environment never rotates a broker spawned under another; the caller's
+    setting only for a broker that does not say."""
+    return obs.max_age_seconds if obs.broker_max_age_seconds is None else obs.broker_max_age_seconds
+
+
 def _is_aged(obs: Observation) -> bool:
-    """Strictly older than max age; a max age <= 0 disables aging."""
-    return obs.max_age_seconds > 0 and obs.now - obs.started_at > obs.max_age_seconds
+    """Strictly older than its max age; a max age <= 0 disables aging."""
+    limit = applied_max_age(obs)
+    return limit > 0 and obs.now - obs.started_at > limit
 
 
 def _mismatch(obs: Observation) -> str:
@@ -199,20 +208,9 @@ def _hours(seconds: float) -> str:
 
 
 def max_age_seconds(env: Mapping[str, str]) -> float:
-    """Max broker age in seconds: CODEX_BROKER_MAX_AGE_HOURS, then the companion's variable,
-    then 6 hours. 0 means never age out; anything unparsable is a usage error, not a default."""
-    for name in MAX_AGE_ENV:
-        raw = env.get(name, "").strip()
-        if raw:
-            return _parse_hours(name, raw) * 3600.0
-    return DEFAULT_MAX_AGE_HOURS * 3600.0
-
-
-def _parse_hours(name: str, raw: str) -> float:
+    """Max broker age in seconds by the contract's rule (CODEX_BROKER_MAX_AGE_HOURS, then the
+    companion's variable, then 6 hours; 0 = never); anything unparsable is a usage error."""
     try:
-        hours = float(raw)
-    except ValueError:
-        hours = math.nan
-    if not math.isfinite(hours) or hours < 0:
-        raise UsageError(f"{name}={raw!r} is not a valid age: use a number of hours >= 0 (0 = never rotate)")
-    return hours
+        return contract.max_age_hours(None, env) * 3600.0
+    except contract.MaxAgeError as exc:
+        raise UsageError(str(exc)) from None

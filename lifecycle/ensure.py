@@ -163,7 +163,15 @@ def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_comma
                        record_app_server_command=tuple(record.app_server_command),
                        record_codex_home=record.codex_home, record_starting=record.starting,
                        silent_seconds=probe.silent_seconds, probe_attempts=probe.attempts,
-                       **base)  # type: ignore[arg-type]
+                       broker_max_age_seconds=broker_max_age(status, record), **base)  # type: ignore[arg-type]
+
+
+def broker_max_age(status: Any, record: BrokerRecord) -> float | None:
+    """The max age the broker itself applies, in seconds: from its Status, else from its record
+    (spawn wrote what it passed); None for a broker that says neither (judged by the caller's)."""
+    if status is not None and status.HasField("max_age_hours"):
+        return float(status.max_age_hours) * 3600.0
+    return record.max_age_seconds
 
 
 def _window(record: BrokerRecord, spawn_deadline: float, window: float) -> float:

@@ -123,10 +123,11 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
     endpoint = contract.unix_endpoint(contract.session_socket(str(session_dir)))
     jsonl_endpoint = contract.unix_endpoint(contract.session_jsonl_socket(str(session_dir)))
     log_file = _log_file(state, instance_id)
+    max_age = Settings.from_env(env).max_age_seconds  # the caller's setting, passed explicitly
     argv = contract.build_serve_argv(sys.executable, endpoint=endpoint, cwd=cwd, app_server=shlex.join(command),
                                      instance_id=instance_id, pid_file=str(session_dir / contract.PID_FILE_NAME),
                                      state_root=str(state.root), log_file=str(log_file),
-                                     jsonl_endpoint=jsonl_endpoint)
+                                     max_age_hours=max_age / 3600.0, jsonl_endpoint=jsonl_endpoint)
     spawned_at = time.time()
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
@@ -137,7 +138,7 @@ def spawn_broker(cwd: str, *, command: list[str], env: Mapping[str, str], state:
             endpoint=endpoint, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
             instance_id=instance_id, started_at=spawned_at, session_dir=str(session_dir), log_file=str(log_file),
             version="", app_server_command=list(command), codex_home=contract.resolve_codex_home(env), cwd=cwd,
-            starting=True, jsonl_endpoint=jsonl_endpoint)
+            starting=True, jsonl_endpoint=jsonl_endpoint, max_age_seconds=max_age)
         state.write(starting)
         outcome = wait_serving(endpoint, timeout, lambda: proc.wait() is not None, progress)
         if outcome != "serving":
@@ -167,9 +168,10 @@ def finish_record(starting: BrokerRecord) -> BrokerRecord:
             app_create = psutil.Process(status.app_server_pid).create_time()
         except psutil.Error:
             app_create = None
+    max_age = status.max_age_hours * 3600.0 if status.HasField("max_age_hours") else starting.max_age_seconds
     return dataclasses.replace(starting, started_at=status.started_at, version=status.version,
                                app_server_pid=status.app_server_pid or None, app_server_create_time=app_create,
-                               starting=False)
+                               starting=False, max_age_seconds=max_age)
 
 
 def _spawn_failure(outcome: str, proc: subprocess.Popen[bytes], timeout: float, log_file: Path) -> SpawnError:

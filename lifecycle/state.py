@@ -99,6 +99,9 @@ class BrokerRecord:
     # The broker's JSONL front end (``unix:PATH`` beside its gRPC socket); "" for a broker
     # recorded without one.
     jsonl_endpoint: str = ""
+    # The max age the broker was spawned with (serve --max-age-hours), in seconds; None in a
+    # record written before brokers were given one.
+    max_age_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for ``json.dumps``."""
@@ -134,6 +137,9 @@ class BrokerRecord:
         if not isinstance(jsonl_endpoint, str):
             raise ValueError(f"field 'jsonl_endpoint' must be a string, got {type(jsonl_endpoint).__name__}")
         fields["jsonl_endpoint"] = jsonl_endpoint
+        fields["max_age_seconds"] = (
+            None if data.get("max_age_seconds") is None else _require_float(data, "max_age_seconds")
+        )
         return cls(**fields)
 
 

@@ -97,7 +97,7 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., opened_at: _Optional[float] = ..., client_name: _Optional[str] = ..., pending_requests: _Optional[int] = ..., subscribed_threads: _Optional[int] = ..., half_closed: _Optional[bool] = ..., queued_bytes: _Optional[int] = ..., opt_out_notification_methods: _Optional[_Iterable[str]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class BrokerStatus(_message.Message):
-    __slots__ = ("instance_id", "pid", "started_at", "state", "app_server_pid", "app_server_alive", "last_probe_at", "last_probe_latency_ms", "open_sessions", "in_flight_turns", "pending_requests", "version", "cwd", "endpoint", "sessions", "app_server_command", "codex_home", "health", "last_response_at", "drain_deadline", "drain_reason", "idle_timeout_seconds", "app_server_create_time_ms")
+    __slots__ = ("instance_id", "pid", "started_at", "state", "app_server_pid", "app_server_alive", "last_probe_at", "last_probe_latency_ms", "open_sessions", "in_flight_turns", "pending_requests", "version", "cwd", "endpoint", "sessions", "app_server_command", "codex_home", "health", "last_response_at", "drain_deadline", "drain_reason", "idle_timeout_seconds", "app_server_create_time_ms", "max_age_hours", "exit_when_wedged_seconds")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class BrokerStatus(_message.Message):
     DRAIN_REASON_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     APP_SERVER_CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_WHEN_WEDGED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     pid: int
     started_at: float
@@ -144,7 +146,9 @@ class BrokerStatus(_message.Message):
     drain_reason: str
     idle_timeout_seconds: float
     app_server_create_time_ms: int
-    def __init__(self, instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[float] = ..., state: _Optional[_Union[BrokerState, str]] = ..., app_server_pid: _Optional[int] = ..., app_server_alive: _Optional[bool] = ..., last_probe_at: _Optional[float] = ..., last_probe_latency_ms: _Optional[float] = ..., open_sessions: _Optional[int] = ..., in_flight_turns: _Optional[_Iterable[_Union[InFlightTurn, _Mapping]]] = ..., pending_requests: _Optional[int] = ..., version: _Optional[str] = ..., cwd: _Optional[str] = ..., endpoint: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., app_server_command: _Optional[_Iterable[str]] = ..., codex_home: _Optional[str] = ..., health: _Optional[str] = ..., last_response_at: _Optional[float] = ..., drain_deadline: _Optional[float] = ..., drain_reason: _Optional[str] = ..., idle_timeout_seconds: _Optional[float] = ..., app_server_create_time_ms: _Optional[int] = ...) -> None: ...
+    max_age_hours: float
+    exit_when_wedged_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[float] = ..., state: _Optional[_Union[BrokerState, str]] = ..., app_server_pid: _Optional[int] = ..., app_server_alive: _Optional[bool] = ..., last_probe_at: _Optional[float] = ..., last_probe_latency_ms: _Optional[float] = ..., open_sessions: _Optional[int] = ..., in_flight_turns: _Optional[_Iterable[_Union[InFlightTurn, _Mapping]]] = ..., pending_requests: _Optional[int] = ..., version: _Optional[str] = ..., cwd: _Optional[str] = ..., endpoint: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., app_server_command: _Optional[_Iterable[str]] = ..., codex_home: _Optional[str] = ..., health: _Optional[str] = ..., last_response_at: _Optional[float] = ..., drain_deadline: _Optional[float] = ..., drain_reason: _Optional[str] = ..., idle_timeout_seconds: _Optional[float] = ..., app_server_create_time_ms: _Optional[int] = ..., max_age_hours: _Optional[float] = ..., exit_when_wedged_seconds: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("deadline_seconds", "reason", "force")

@@ -9,8 +9,16 @@ deadline, idle, signal, app-server death or wedge, a background task's crash), r
 stop gRPC with a short grace (replies in flight go out, new RPCs are refused), remove the
 socket, pid file and directory, remove the signal handlers.
 
-The lifetime is supervised: a background task (health, app-server watcher, drain, idle) that
-raises stops the broker with exit 1, so a broker never keeps publishing its last SERVING.
+The lifetime is supervised: a background task (health, app-server watcher, drain, idle, age,
+wedge) that raises stops the broker with exit 1, so a broker never keeps publishing its last
+SERVING.
+
+The broker polices itself, however it was started, so a client that only checks that the socket
+accepts is never handed a broken broker. Aged (older than ``max_age_seconds``, 0 = never): it
+drains itself, reason "max age", and exits 0 once its turns are done. Wedged (the health rule's
+hang, without a break, for ``exit_when_wedged`` seconds, 0 = never): the sockets' paths are
+removed at once, pending work fails with the reason, the app-server's group is killed, exit 1.
+Wedged at all while draining: the same stop, at once (nothing will finish the turns).
 Signals: SIGTERM and SIGINT drain; repeated SIGTERMs and JSONL ``broker/shutdown`` requests are
 one drain request (clients ending together never kill a third one's turns); only a second SIGINT
 (a person at a terminal) stops at once.
@@ -54,6 +62,8 @@ FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this lo
 SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
 STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC cancels them
 MAX_DRAIN_DEADLINE = 86400.0  # a longer (or infinite) drain deadline is cut to this (one day)
+AGE_TICK = 30.0  # the max age is checked at least this often (the clocks may disagree)
+WEDGE_TICK = 0.5  # how often a wedge's length is checked against --exit-when-wedged
 S = broker_pb2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -184,6 +194,8 @@ class Broker:
             self._spawn(self.health.run(), "health")
             self._spawn(self._watch_app_server(), "app-server")
             self._spawn(self._idle_loop(), "idle")
+            self._spawn(self._age_watch(), "age")
+            self._spawn(self._wedge_watch(), "wedge")
             if self._drain_asked:
                 self.drain(None, reason=self._drain_asked)
             serving = await self.health.publish()
@@ -419,6 +431,55 @@ class Broker:
                 return
             wait = timeout if since is None else since + timeout - time.monotonic()
             await asyncio.sleep(min(max(wait, 0.05), 1.0))
+
+    def age(self) -> float:
+        """Seconds since the start, by whichever clock says more: the monotonic one (a wall
+        clock stepped back) or the wall one (time asleep, which lifecycle's ensure counts too)."""
+        return max(time.monotonic() - self._mono0, time.time() - self.started_at)
+
+    async def _age_watch(self) -> None:
+        """Past its max age the broker drains itself: NOT_SERVING, no new work, turns in
+        flight finish, then exit 0. Checked at most every AGE_TICK seconds."""
+        limit = self.config.max_age_seconds
+        if limit <= 0:
+            return
+        while True:
+            remaining = limit - self.age()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(remaining, AGE_TICK))
+        if self.state == S.BROKER_STATE_SERVING:
+            self.drain(None, reason=f"max age {limit / 3600:g} h reached")
+
+    async def _wedge_watch(self) -> None:
+        """An app-server wedged for --exit-when-wedged seconds without a break (any answer
+        starts the count again) ends the broker: ``_exit_wedged``."""
+        limit = self.config.exit_when_wedged
+        if limit <= 0:
+            return
+        while True:
+            wedged = self.health.wedged_for()
+            if wedged >= limit:
+                self._exit_wedged(wedged)
+                return
+            await asyncio.sleep(min(max(limit - wedged, 0.05), WEDGE_TICK))
+
+    def _exit_wedged(self, wedged: float) -> None:
+        """Nobody is handed a broken broker: the socket's path goes at once (no new connection),
+        pending work fails with the reason, and the broker stops (exit 1), killing the
+        app-server's group without the polite waits."""
+        if self.hub.gone is not None or self._stop.is_set():
+            return
+        why = (f"app-server wedged for {wedged:.1f} s (exit-when-wedged {self.config.exit_when_wedged:g} s): "
+               "the broker is exiting")
+        self.files.remove_socket()
+        if self.jsonl is not None:
+            self.jsonl.close_listener()
+        log.error("%s; no longer listening; failing %d turns and %d requests and stopping", why,
+                  len(self.hub.turns), self.hub.pending_work)
+        self._app_wedged = True
+        self.hub.app_server_gone(why)
+        self.stop(1)
 
     async def _watch_app_server(self) -> None:
         """The app-server exited, or closed its stdout: either way nothing more will come."""

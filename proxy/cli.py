@@ -1,8 +1,9 @@
 """``codex-broker serve`` (also ``python -m proxy serve``): run one broker in the foreground.
 
-Exit codes: 0 clean stop (drained, idle, signalled), 1 the app-server died, wedged while
-draining or could not be initialized (or the broker failed), 2 bad input (missing app-server
-binary, bad endpoint, occupied path).
+Exit codes: 0 clean stop (drained, aged past --max-age-hours, idle, signalled), 1 the app-server
+died, was wedged for --exit-when-wedged seconds (or at all while draining) or could not be
+initialized (or the broker failed), 2 bad input (missing app-server binary, bad endpoint,
+occupied path, a max-age variable that is not a number of hours).
 
 The log goes to stderr, or with ``--log-file PATH`` to that file, rotated by size: PATH never
 passes ``--log-max-bytes`` (default 8 MiB); when it would, it becomes PATH's name with ``.1``
@@ -138,11 +139,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if not os.path.isdir(cwd):
         return refuse(f"--cwd is not a directory: {cwd}", 2)
     try:
+        max_age_hours = contract.max_age_hours(args.max_age_hours, os.environ)
+    except contract.MaxAgeError as exc:
+        return refuse(str(exc), 2)
+    try:
         config = ServeConfig(endpoint=args.endpoint, app_server=app_server_command(args.app_server), cwd=cwd,
                              pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
                              probe_method=args.probe_method, probe_interval=args.probe_interval,
                              probe_timeout=args.probe_timeout, drain_deadline=args.drain_deadline,
-                             idle_timeout=args.idle_timeout, session_buffer_bytes=args.session_buffer)
+                             idle_timeout=args.idle_timeout, session_buffer_bytes=args.session_buffer,
+                             max_age_seconds=max_age_hours * 3600.0, exit_when_wedged=args.exit_when_wedged)
         if args.instance_id:
             config.instance_id = args.instance_id
         config.token_file = os.path.abspath(args.token_file) if args.token_file else None

@@ -36,6 +36,8 @@ class ServeConfig:
     probe_timeout: float = 3.0
     drain_deadline: float = 3600.0
     idle_timeout: float = 1800.0
+    max_age_seconds: float = contract.DEFAULT_MAX_AGE_HOURS * 3600.0  # drains itself this old; 0 = never
+    exit_when_wedged: float = contract.DEFAULT_EXIT_WHEN_WEDGED  # exits 1 wedged this long; 0 = never
     start_timeout: float = 60.0
     session_buffer_bytes: int = 8 << 20
     max_message_bytes: int = 64 << 20
@@ -189,16 +191,24 @@ class BrokerFiles:
                 f.write(f"{os.getpid()}\n")
             os.replace(tmp, path)
 
+    def remove_socket(self) -> None:
+        """Unlinks the unix socket: from here nobody can connect to it by its path (those
+        connected keep their connections). Also part of ``remove``."""
+        path = self.config.socket_path
+        if path and os.path.lexists(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def remove(self) -> None:
-        cfg = self.config
-        for path in (cfg.socket_path, cfg.pid_file):
-            if path and os.path.lexists(path):
-                if path == cfg.pid_file and read_pid(path) not in (os.getpid(), None):
-                    continue  # not ours
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        self.remove_socket()
+        path = self.config.pid_file
+        if path and os.path.lexists(path) and read_pid(path) in (os.getpid(), None):  # else not ours
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self._created_dir is not None:
             try:
                 os.rmdir(self._created_dir)

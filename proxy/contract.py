@@ -92,6 +92,36 @@ WINDING_DOWN = (DRAINING, STOPPING)  # a broker in these states exits by itself
 # -- timing shared by spawn and gc -------------------------------------------------------------
 SPAWN_TIMEOUT = 30.0  # seconds a spawned broker has to be SERVING; gc leaves younger ones alone
 
+# -- a broker's own lifetime (serve --max-age-hours, --exit-when-wedged) ------------------------
+DEFAULT_MAX_AGE_HOURS = 6.0
+MAX_AGE_ENV = ("CODEX_BROKER_MAX_AGE_HOURS", "CODEX_COMPANION_BROKER_MAX_AGE_HOURS")
+DEFAULT_EXIT_WHEN_WEDGED = 30.0  # seconds
+
+
+class MaxAgeError(ValueError):
+    """A max age in the environment that is not a number of hours >= 0."""
+
+
+def max_age_hours(flag: float | None, env: Mapping[str, str]) -> float:
+    """A broker's max age in hours, one rule for `serve` and the lifecycle: the flag, else
+    CODEX_BROKER_MAX_AGE_HOURS, else CODEX_COMPANION_BROKER_MAX_AGE_HOURS, else 6 (an empty
+    variable counts as unset); 0 means never. MaxAgeError for a variable that is not a finite
+    number >= 0 (never silently the default)."""
+    if flag is not None:
+        return flag
+    for name in MAX_AGE_ENV:
+        raw = env.get(name, "").strip()
+        if raw:
+            try:
+                hours = float(raw)
+            except ValueError:
+                hours = math.nan
+            if not math.isfinite(hours) or hours < 0:
+                raise MaxAgeError(f"{name}={raw!r} is not a valid age: use a number of hours >= 0 (0 = never rotate)")
+            return hours
+    return DEFAULT_MAX_AGE_HOURS
+
+
 # -- CODEX_HOME ----------------------------------------------------------------------------------
 
 
@@ -182,6 +212,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "here or in a Drain, is cut to 86400)")
     p.add_argument("--idle-timeout", type=_nonneg, default=1800.0, metavar="S",
                    help="exit after this long with no Sessions and no work; 0 = never (default 1800)")
+    p.add_argument("--max-age-hours", type=_nonneg, default=None, metavar="H",
+                   help="once this old, drain (NOT_SERVING, no new work; turns in flight finish) and exit 0; "
+                        "fractions allowed; 0 = never (default: $CODEX_BROKER_MAX_AGE_HOURS, else "
+                        f"$CODEX_COMPANION_BROKER_MAX_AGE_HOURS, else {DEFAULT_MAX_AGE_HOURS:g})")
+    p.add_argument("--exit-when-wedged", type=_nonneg, default=DEFAULT_EXIT_WHEN_WEDGED, metavar="S",
+                   help="when the app-server has been wedged (NOT_SERVING by --probe-timeout) this long without "
+                        "a break, fail pending work, stop listening, kill its process group and exit 1; "
+                        f"0 = never (default {DEFAULT_EXIT_WHEN_WEDGED:g})")
     p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
                    help="a Session further behind than this is dropped (default 8 MiB)")
     p.add_argument("--log-file", default=None, metavar="PATH",
@@ -203,16 +241,18 @@ class ServeArgv:
     state_root: str | None
     token_file: str | None
     jsonl_endpoint: str | None = None
+    max_age_hours: float | None = None  # None: not on the command line (the environment's rule)
 
 
 def build_serve_argv(python: str, *, endpoint: str, cwd: str, app_server: str, instance_id: str,
-                     pid_file: str, state_root: str, log_file: str, jsonl_endpoint: str | None = None
-                     ) -> list[str]:
+                     pid_file: str, state_root: str, log_file: str, max_age_hours: float,
+                     jsonl_endpoint: str | None = None) -> list[str]:
     """The argv spawn runs: this package's entry point with the interpreter's safe-path mode (``-P``:
-    a workspace that holds a ``proxy`` directory cannot shadow the package)."""
+    a workspace that holds a ``proxy`` directory cannot shadow the package). The max age is
+    explicit, so the broker's lifetime is the spawner's setting, whatever environment it inherits."""
     argv = [python, "-P", "-m", ENTRY_MODULE, SERVE_COMMAND, "--endpoint", endpoint, "--cwd", cwd,
             f"--app-server={app_server}", "--instance-id", instance_id, "--pid-file", pid_file,
-            "--state-root", state_root, "--log-file", log_file]
+            "--state-root", state_root, "--log-file", log_file, f"--max-age-hours={max_age_hours!r}"]
     if jsonl_endpoint is not None:
         argv += ["--jsonl-endpoint", jsonl_endpoint]
     return argv
@@ -260,4 +300,4 @@ def parse_serve_argv(argv: Sequence[str]) -> ServeArgv | None:
         return None
     return ServeArgv(endpoint=ns.endpoint, cwd=ns.cwd, app_server=ns.app_server, instance_id=ns.instance_id,
                      pid_file=ns.pid_file, state_root=ns.state_root, token_file=ns.token_file,
-                     jsonl_endpoint=ns.jsonl_endpoint)
+                     jsonl_endpoint=ns.jsonl_endpoint, max_age_hours=ns.max_age_hours)

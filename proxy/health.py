@@ -58,6 +58,16 @@ class HealthMonitor:
         return (oldest is not None and now - oldest > self.hang_after
                 and now - self.hub.last_response > self.hang_after)
 
+    def wedged_for(self, now: float | None = None) -> float:
+        """How long the app-server has been wedged without a break (0 when it is not): since
+        the later of its oldest unanswered request and its last answer of any kind, plus the
+        hang threshold. Any answer moves the last answer, so it starts again from 0."""
+        now = time.monotonic() if now is None else now
+        oldest = self.hub.oldest_pending()
+        if oldest is None or not self.wedged(now):
+            return 0.0
+        return now - (max(oldest, self.hub.last_response) + self.hang_after)
+
     def serving(self) -> bool:
         return (self._app_alive() and self.hub.init_result is not None and self.hub.gone is None
                 and self._accepting() and not self.wedged())

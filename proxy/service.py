@@ -230,7 +230,8 @@ def status_message(broker: Broker) -> broker_pb2.BrokerStatus:
         health="SERVING" if health.serving() else "NOT_SERVING",
         last_response_at=broker.wall_time(hub.last_response) if hub.last_response else 0.0,
         drain_deadline=broker.drain_deadline_unix, drain_reason=proto_text(broker.drain_reason),
-        idle_timeout_seconds=cfg.idle_timeout)
+        idle_timeout_seconds=cfg.idle_timeout, max_age_hours=cfg.max_age_seconds / 3600.0,
+        exit_when_wedged_seconds=cfg.exit_when_wedged)
 
 
 def add_app_server_service(server: grpc.aio.Server, service: AppServerService) -> None:

@@ -95,26 +95,32 @@ def test_full_turn_streams_deltas_and_completes_with_the_mock_text(world):
 
 # -- 2 ---------------------------------------------------------------------------------------
 def test_aged_broker_rotates_gracefully_while_its_turn_finishes_then_exits_alone(world):
-    a = world.ensure()
+    # A is spawned with a short max age of its own: past it, it drains itself (its turn goes on)
+    max_age_s = 15.0
+    a = world.ensure(CODEX_BROKER_MAX_AGE_HOURS=repr(max_age_s / 3600))
     tracked_a = world.tracked(a)
     tree_a = world.codex_tree(a)
     session_a = world.session(a, name="on-a")
     thread_a = start_thread(session_a, world)
-    turn_a = start_turn(session_a, thread_a, "long one reply=tick deltas=8 delay=1")
-    follow_a = Follower(session_a, thread_a, turn_a, timeout=40)
+    turn_a = start_turn(session_a, thread_a, "long one reply=tick deltas=30 delay=1")
+    follow_a = Follower(session_a, thread_a, turn_a, timeout=80)
     follow_a.wait_first_delta(20)
+    assert world.client(a).status().state == broker_pb2.BROKER_STATE_SERVING, "A drained before its turn ran"
 
-    max_age_hours = 1.0 / 3600  # one second
-    wait_until(lambda: time.time() - a.started_at > 1.5, 5, "broker A to be older than the max age")
+    watch = world.watch_health(a, timeout=40)
+    assert "NOT_SERVING" in (status for _, status in watch), "A never drained itself past its max age"
+    watch.close()
     t0 = time.monotonic()
-    b = world.ensure(CODEX_BROKER_MAX_AGE_HOURS=repr(max_age_hours))
+    b = world.ensure()  # the default max age: B does not inherit A's
     rotate_s = time.monotonic() - t0
-    assert b.verdict == "aged", b
+    assert b.verdict == "draining", b
     assert b.pid != a.pid and b.instance_id != a.instance_id
     assert not follow_a.done, "the turn on A ended while A was rotated"
     status_a = world.client(a).status()
     assert status_a.state == broker_pb2.BROKER_STATE_DRAINING, status_a
+    assert "max age" in status_a.drain_reason, status_a.drain_reason
     assert [t.turn_id for t in status_a.in_flight_turns] == [turn_a]
+    assert world.client(b).status().max_age_hours == 6.0
 
     # meanwhile a new turn runs on B and completes, before A's turn is over
     session_b = world.session(b, name="on-b")
@@ -124,10 +130,10 @@ def test_aged_broker_rotates_gracefully_while_its_turn_finishes_then_exits_alone
     assert done_b["status"] == "completed" and agent_text(done_b) == "newnew", done_b
     assert not follow_a.done, "A's turn was over before B's turn completed: nothing overlapped"
 
-    done_a = follow_a.wait(30)
+    done_a = follow_a.wait(60)
     assert done_a["status"] == "completed", done_a
-    assert agent_text(done_a) == "tick" * 8
-    assert deltas(follow_a.messages, turn_a) == ["tick"] * 8
+    assert agent_text(done_a) == "tick" * 30
+    assert deltas(follow_a.messages, turn_a) == ["tick"] * 30
 
     # A finishes alone: it exits, and its launcher and native codex go with it
     assert follow_a.done_at is not None

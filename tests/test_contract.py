@@ -18,7 +18,7 @@ def spawned_argv(**changes: str) -> list[str]:
                   instance_id="inst-1", pid_file="/tmp/rt/0123abcd/broker.pid", state_root="/home/u/.state",
                   log_file="/home/u/.state/logs/broker-1.log")
     values.update(changes)
-    return contract.build_serve_argv("/venv/bin/python3.11", **values)
+    return contract.build_serve_argv("/venv/bin/python3.11", max_age_hours=0.0005, **values)
 
 
 def test_the_argv_spawn_builds_parses_back_to_what_it_says() -> None:
@@ -26,7 +26,7 @@ def test_the_argv_spawn_builds_parses_back_to_what_it_says() -> None:
     assert parsed == contract.ServeArgv(endpoint="unix:/tmp/rt/0123abcd/s.sock", cwd="/work space",
                                         app_server="python fake.py --x=1", instance_id="inst-1",
                                         pid_file="/tmp/rt/0123abcd/broker.pid", state_root="/home/u/.state",
-                                        token_file=None)
+                                        token_file=None, max_age_hours=0.0005)
 
 
 def test_the_console_script_and_module_forms_parse() -> None:

@@ -210,6 +210,28 @@ def test_max_age_zero_or_less_never_ages(limit: float) -> None:
     assert decision.verdict is Verdict.LIVE
 
 
+@pytest.mark.parametrize(
+    ("caller_hours", "broker_hours", "age_hours", "verdict"),
+    [
+        pytest.param(0.5, 6.0, 2.0, Verdict.LIVE, id="broker-long-caller-short-not-aged"),
+        pytest.param(6.0, 0.5, 2.0, Verdict.AGED, id="broker-short-caller-long-aged"),
+        pytest.param(1.0, 0.0, 1000.0, Verdict.LIVE, id="broker-never-caller-short-not-aged"),
+        pytest.param(0.0, 1.0, 2.0, Verdict.AGED, id="broker-short-caller-never-aged"),
+        pytest.param(0.5, None, 2.0, Verdict.AGED, id="broker-silent-on-it-caller-short-aged"),
+        pytest.param(6.0, None, 2.0, Verdict.LIVE, id="broker-silent-on-it-caller-long-not-aged"),
+    ],
+)
+def test_aged_row_judges_a_broker_by_its_own_max_age_else_the_callers(
+    caller_hours: float, broker_hours: float | None, age_hours: float, verdict: Verdict
+) -> None:
+    decision = decide(observe(started_at=NOW - age_hours * HOUR, max_age_seconds=caller_hours * HOUR,
+                              broker_max_age_seconds=None if broker_hours is None else broker_hours * HOUR))
+    assert decision.verdict is verdict
+    if verdict is Verdict.AGED:
+        limit = broker_hours if broker_hours is not None else caller_hours
+        assert decision.reason == f"aged: started {age_hours:.1f} h ago, max age {limit:.1f} h"
+
+
 # --- environment --------------------------------------------------------------------------------
 
 

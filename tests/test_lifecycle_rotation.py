@@ -1,22 +1,22 @@
-"""Graceful rotation: an aged or mismatched broker is asked to drain while a new one is spawned
-at once; its in-flight turn finishes normally, new callers land on the new broker, and the old
-one exits by itself. Each rotation is recorded in the workspace's history."""
+"""Graceful rotation: a broker draining itself past its own max age, or a mismatched one asked
+to drain, is replaced by a new one spawned at once; its in-flight turn finishes normally, new
+callers land on the new broker, and the old one exits by itself. Each rotation is recorded in
+the workspace's history."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lifecycle_support import World, process, wait_exit, world_for
+from grpc_health.v1 import health_pb2
+from lifecycle_support import World, health_watch_until, process, wait_exit, world_for
 
 from lifecycle.ensure import BrokerSession
 from lifecycle.errors import SessionClosed
 from protos import broker_pb2
 
-TINY_AGE_HOURS = "0.0003"  # ~1.1 s
-TINY_AGE_SECONDS = float(TINY_AGE_HOURS) * 3600
+SHORT_AGE_HOURS = "0.002"  # 7.2 s: long enough to start a turn on a loaded machine
 DRAINED_EXIT_BOUND = 5.0  # the design says a drained broker is gone within 1 s of its last turn
 
 
@@ -24,13 +24,6 @@ DRAINED_EXIT_BOUND = 5.0  # the design says a drained broker is gone within 1 s 
 def world(tmp_path: Path) -> Iterator[World]:
     with world_for(tmp_path) as w:
         yield w
-
-
-def wait_older_than_tiny_age(session: BrokerSession) -> None:
-    """A real clock condition: the broker's age (from its own start time) passes the max age."""
-    remaining = session.started_at + TINY_AGE_SECONDS + 0.2 - time.time()
-    if remaining > 0:
-        time.sleep(remaining)
 
 
 def assert_rotated(world: World, old: BrokerSession, new: BrokerSession, verdict: str) -> None:
@@ -42,20 +35,22 @@ def assert_rotated(world: World, old: BrokerSession, new: BrokerSession, verdict
     assert entry.reason.startswith(f"{verdict}:")
 
 
-def test_aged_broker_is_rotated_while_its_turn_finishes_on_it(world: World) -> None:
-    old = world.ensure()
+def test_broker_past_its_own_max_age_drains_itself_and_is_rotated_while_its_turn_finishes_on_it(
+        world: World) -> None:
+    old = world.ensure(world.env_with(CODEX_BROKER_MAX_AGE_HOURS=SHORT_AGE_HOURS))
     old_proc = process(old.pid)
-    turn = world.turn(old.endpoint, "seconds=6 deltas=20")
-    wait_older_than_tiny_age(old)
-    assert len(world.client(old.endpoint).status().in_flight_turns) == 1
+    turn = world.turn(old.endpoint, "seconds=20 deltas=20")
+    assert len(world.client(old.endpoint).status().in_flight_turns) == 1, "drained before the turn ran"
+    health_watch_until(old.endpoint, health_pb2.HealthCheckResponse.NOT_SERVING)  # by its own max age
 
-    new = world.ensure(world.env_with(CODEX_BROKER_MAX_AGE_HOURS=TINY_AGE_HOURS))
+    new = world.ensure()  # the caller's default max age: only the broker's own made it drain
 
-    assert_rotated(world, old, new, "aged")
+    assert_rotated(world, old, new, "draining")
     status = world.client(old.endpoint).status()
-    assert status.state == broker_pb2.BROKER_STATE_DRAINING
+    assert status.state == broker_pb2.BROKER_STATE_DRAINING and "max age" in status.drain_reason
     assert [t.turn_id for t in status.in_flight_turns] == [turn.turn_id], "the turn did not survive the rotation"
-    # New callers (with the default max age) land on the new broker.
+    assert world.client(new.endpoint).status().max_age_hours == 6.0
+    # New callers land on the new broker.
     again = world.ensure()
     assert again.reused and again.verdict == "live" and again.pid == new.pid
     # A new Session on the draining broker is refused: work goes to the new one.
@@ -70,18 +65,17 @@ def test_aged_broker_is_rotated_while_its_turn_finishes_on_it(world: World) -> N
     assert [p.pid for p in world.brokers()] == [new.pid]
 
 
-def test_companion_max_age_variable_is_honoured_when_ours_is_unset(world: World) -> None:
-    old = world.ensure()
-    old_proc = process(old.pid)
-    wait_older_than_tiny_age(old)
-    young = world.ensure(world.env_with(CODEX_BROKER_MAX_AGE_HOURS="6",
-                                        CODEX_COMPANION_BROKER_MAX_AGE_HOURS=TINY_AGE_HOURS))
-    assert young.reused and young.pid == old.pid, "ours must win over the companion's variable"
+def test_spawned_broker_gets_the_companion_max_age_only_when_ours_is_unset(world: World, tmp_path: Path) -> None:
+    ours = world.ensure(world.env_with(CODEX_BROKER_MAX_AGE_HOURS="6", CODEX_COMPANION_BROKER_MAX_AGE_HOURS="2"))
+    assert world.client(ours.endpoint).status().max_age_hours == 6.0, "ours must win over the companion's variable"
+    other = tmp_path / "ws-companion"
+    other.mkdir()
 
-    new = world.ensure(world.env_with(CODEX_COMPANION_BROKER_MAX_AGE_HOURS=TINY_AGE_HOURS))
+    companion = world.ensure(world.env_with(CODEX_COMPANION_BROKER_MAX_AGE_HOURS="2"), workspace=other)
 
-    assert_rotated(world, old, new, "aged")
-    assert wait_exit(old_proc, 15), "the aged broker did not drain and exit"
+    assert world.client(companion.endpoint).status().max_age_hours == 2.0
+    record = world.record(other)
+    assert record is not None and record.max_age_seconds == 2 * 3600.0
 
 
 @pytest.mark.parametrize("what", ["app-server-command", "codex-home"])

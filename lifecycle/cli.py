@@ -388,6 +388,42 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_companion(args: argparse.Namespace) -> int:
+    """install / uninstall / status on each copy of the Codex companion; 1 when a copy fails or
+    none is found (the per-copy results with --json), 2 for bad input."""
+    from lifecycle import companion
+
+    env = dict(os.environ)
+    broker = os.path.abspath(args.codex_broker) if args.codex_broker else None
+    if args.action == "install":
+        broker = broker or companion.default_codex_broker()
+        if not (os.path.isfile(broker) and os.access(broker, os.X_OK)):
+            from lifecycle.errors import UsageError
+
+            raise UsageError(f"--codex-broker {broker} is not an executable file")
+    copies = companion.find_copies(env, args.plugin_dir, with_recorded=args.action != "install")
+    if args.action == "install":
+        assert broker is not None
+        results = [companion.install(copy, env, broker, args.force) for copy in copies]
+    elif args.action == "uninstall":
+        results = [companion.uninstall(copy, env) for copy in copies]
+    else:
+        if broker is None:
+            try:
+                broker = companion.default_codex_broker()
+            except companion.BrokerError:
+                broker = None
+        probes: dict[str, companion.Runnable] = {}
+        results = [companion.status(copy, env, broker, probes) for copy in copies]
+    ok = all(result.ok for result in results)
+    if args.json:
+        _print_json({"action": args.action, "ok": ok, "copies": [result.to_json() for result in results]})
+    else:
+        for result in results:
+            print(companion.describe(result), file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if ok or args.action == "status" else EXIT_ERROR
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.cli import run_serve
 
@@ -457,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
                 where="none")
     p.add_argument("--dry-run", action="store_true", help="only report what would be done")
     p.add_argument("--json", action="store_true")
+    p = command("companion", cmd_companion, "put codex-broker behind the Codex companion for Claude Code "
+                "(install), undo it (uninstall), or show each installed copy (status)", where="none")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p.add_argument("--plugin-dir", default=None, metavar="DIR",
+                   help="act on this plugin root (the folder holding scripts/app-server-broker.mjs) instead of "
+                        "the copies Claude Code records")
+    p.add_argument("--force", action="store_true", help="install: patch a broker file of unknown content too")
+    p.add_argument("--codex-broker", default=None, metavar="PATH",
+                   help="the codex-broker the launcher runs (default: this installation's)")
+    p.add_argument("--json", action="store_true", help="print the result of each copy as JSON")
     return parser
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,20 @@ class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClie
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
+
+
+def test_health_endpoint_on_a_port_in_use_is_refused_with_exit_2_and_leaves_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        marker = new_marker()
+        sock = tmp_path / "d" / "s.sock"
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--endpoint", f"unix:{sock}",
+                                 "--health-endpoint", f"tcp:127.0.0.1:{port}", "--app-server",
+                                 fake_command(marker=marker)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on tcp:127.0.0.1:{port}" in result.stderr
+    assert not sock.parent.exists(), "socket directory left behind"
+    assert not wait_gone(processes_with(marker), 10)

@@ -25,7 +25,11 @@ one drain request (clients ending together never kill a third one's turns); only
 
 With ``--jsonl-endpoint`` the broker also serves Sessions as JSON lines (proxy/jsonl.py); that
 listener is closed and its path removed as soon as any drain starts (whatever its reason), while
-gRPC and health stay up until the broker stops, so ops tools still see DRAINING."""
+gRPC and health stay up until the broker stops, so ops tools still see DRAINING.
+
+With ``--health-endpoint`` a second gRPC server serves the same health servicer (readiness and
+``codexbroker.v1.Liveness``) and reflection of Health only, without the token, on any address;
+it starts after the broker's own endpoint and stops with it (its unix socket, if any, removed)."""
 from __future__ import annotations
 
 import asyncio

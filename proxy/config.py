@@ -86,7 +86,6 @@ class ServeConfig:
         if not is_loopback(host) and not self.allow_remote:
             raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
 
-
     def _validate_health_endpoint(self) -> None:
         """Any address will do (all it tells is SERVING or NOT_SERVING), but not a socket path
         or TCP address another of the broker's endpoints uses."""

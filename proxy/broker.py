@@ -25,7 +25,11 @@ one drain request (clients ending together never kill a third one's turns); only
 
 With ``--jsonl-endpoint`` the broker also serves Sessions as JSON lines (proxy/jsonl.py); that
 listener is closed and its path removed as soon as any drain starts (whatever its reason), while
-gRPC and health stay up until the broker stops, so ops tools still see DRAINING."""
+gRPC and health stay up until the broker stops, so ops tools still see DRAINING.
+
+With ``--health-endpoint`` a second gRPC server serves the same health servicer (readiness and
+``codexbroker.v1.Liveness``) and reflection of Health only, without the token, on any address;
+it starts after the broker's own endpoint and stops with it (its unix socket, if any, removed)."""
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +44,7 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
 from proxy import __version__, jsonrpc
@@ -48,7 +52,7 @@ from proxy import child as child_process
 from proxy.appserver import AppServerProcess
 from proxy.auth import BearerTokenInterceptor
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
-from proxy.health import HealthMonitor
+from proxy.health import HealthMonitor, health_reflection
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.jsonl import JsonlServer
 from proxy.reaper import Reaper
@@ -104,6 +108,7 @@ class Broker:
         self.reaper = Reaper(keep=self._own_children) if subreaper else None
         self.ready = asyncio.Event()  # set once listening and SERVING
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None  # with --health-endpoint
         self.jsonl: JsonlServer | None = None  # the JSONL front end, with --jsonl-endpoint
         self.drain_reason = ""
         self._drain_deadline: float | None = None  # monotonic
@@ -234,8 +239,9 @@ class Broker:
                 await self.reaper.stop_descendants()
             if self.jsonl is not None:
                 self.jsonl.stop()
-            if self.server is not None:
-                await self.server.stop(None)
+            for server in (self.server, self.health_server):
+                if server is not None:
+                    await server.stop(None)
             self.files.remove()
             raise
 
@@ -286,7 +292,7 @@ class Broker:
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.http2.max_ping_strikes", 0)]
-        interceptors = [BearerTokenInterceptor(self.files.token)] if self.files.token else []
+        interceptors = [BearerTokenInterceptor(self.files.token, health_reflection())] if self.files.token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         add_app_server_service(server, AppServerService(self))
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
@@ -311,12 +317,36 @@ class Broker:
             os.chmod(cfg.socket_path, 0o600)
         await server.start()
         self.server = server
+        if cfg.health_endpoint is not None:
+            await self._listen_health(options)
         jsonl_path = cfg.jsonl_socket_path
         if jsonl_path is not None:  # its path may be taken: ConfigError, and _start stops gRPC again
             self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
                                      on_shutdown=self.request_drain)
             await self.jsonl.start()
         self.files.write_pid()
+
+    async def _listen_health(self, options: list[tuple[str, Any]]) -> None:
+        """The health endpoint: Health and reflection of Health only, no token, any address."""
+        cfg = self.config
+        assert cfg.health_endpoint is not None
+        server = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(health_reflection(), server)
+        self.health_server = server  # stopped with the broker's gRPC, whatever happens next
+        path = cfg.health_socket_path
+        try:
+            if path is None:
+                host, port = parse_tcp_endpoint(cfg.health_endpoint)
+                bound = server.add_insecure_port(f"{host}:{port}")
+                cfg.health_endpoint = f"tcp:{host}:{bound}"
+            else:
+                server.add_insecure_port(f"unix:{path}")
+                self.files.health_socket = path
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.health_endpoint}: {exc}") from None
+        await server.start()
+        log.info("health endpoint=%s", cfg.health_endpoint)
 
     # -- events --------------------------------------------------------------------------
     def _on_signal(self, sig: int) -> None:
@@ -555,8 +585,8 @@ class Broker:
 
     async def _stop_grpc(self) -> None:
         await self.health.servicer.enter_graceful_shutdown()  # Watches say NOT_SERVING and end
-        if self.server is not None:
-            # New RPCs are refused from here; calls still in flight (a Call answered by the
-            # drain's last response, a Drain's own reply) get their replies out.
-            await self.server.stop(STOP_GRACE)
+        # New RPCs are refused from here; calls still in flight (a Call answered by the
+        # drain's last response, a Drain's own reply) get their replies out.
+        await asyncio.gather(*(server.stop(STOP_GRACE) for server in (self.server, self.health_server)
+                               if server is not None))
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -47,6 +47,7 @@ class ServeConfig:
     token_file: str | None = None
     allow_remote: bool = False
     jsonl_endpoint: str | None = None  # unix:PATH of the JSONL front end, if any
+    health_endpoint: str | None = None  # tcp:HOST:PORT or unix:PATH serving Health only, no token
 
     @property
     def is_tcp(self) -> bool:
@@ -62,11 +63,19 @@ class ServeConfig:
         """The JSONL front end's socket path; None without one."""
         return None if self.jsonl_endpoint is None else parse_endpoint(self.jsonl_endpoint)
 
+    @property
+    def health_socket_path(self) -> str | None:
+        """The health endpoint's unix socket path; None without one or for a TCP one."""
+        if self.health_endpoint is None or contract.is_tcp(self.health_endpoint):
+            return None
+        return parse_endpoint(self.health_endpoint)
+
     def validate(self) -> None:
         """ConfigError for an endpoint that must not be served (before anything starts)."""
         jsonl = self.jsonl_socket_path
         if jsonl is not None and jsonl == self.socket_path:
             raise ConfigError(f"--jsonl-endpoint and --endpoint name the same socket: {jsonl}")
+        self._validate_health_endpoint()
         if not self.is_tcp:
             parse_endpoint(self.endpoint)
             return
@@ -76,6 +85,20 @@ class ServeConfig:
                               "authenticated with its bearer token)")
         if not is_loopback(host) and not self.allow_remote:
             raise ConfigError(f"TCP endpoint {self.endpoint} is not loopback: pass --allow-remote to listen there")
+
+    def _validate_health_endpoint(self) -> None:
+        """Any address will do (all it tells is SERVING or NOT_SERVING), but not a socket path
+        or TCP address another of the broker's endpoints uses."""
+        if self.health_endpoint is None:
+            return
+        if contract.is_tcp(self.health_endpoint):
+            health = parse_tcp_endpoint(self.health_endpoint)
+            if self.is_tcp and health == parse_tcp_endpoint(self.endpoint) and health[1] != 0:
+                raise ConfigError(f"--health-endpoint and --endpoint name the same address: {self.health_endpoint}")
+            return
+        path = self.health_socket_path
+        if path in (self.socket_path, self.jsonl_socket_path):
+            raise ConfigError(f"--health-endpoint names a socket another endpoint uses: {path}")
 
 
 def new_instance_id() -> str:
@@ -138,6 +161,7 @@ class BrokerFiles:
         self.token: str | None = None
         self.prepared = False
         self._created_dir: str | None = None
+        self.health_socket: str | None = None  # the health endpoint's socket, once the broker bound it
 
     def prepare(self) -> None:
         """ConfigError (having left nothing behind) when the broker must not start here."""
@@ -148,6 +172,9 @@ class BrokerFiles:
                 self.token = read_token_file(cfg.token_file)
             except TokenError as exc:
                 raise ConfigError(str(exc)) from None
+        health = cfg.health_socket_path
+        if health is not None and os.path.lexists(health):
+            raise ConfigError(f"health socket path is already in use: {health}")
         sock = cfg.socket_path
         if sock is not None:
             self._prepare_socket_dir(sock)
@@ -203,6 +230,11 @@ class BrokerFiles:
 
     def remove(self) -> None:
         self.remove_socket()
+        if self.health_socket is not None and os.path.lexists(self.health_socket):
+            try:
+                os.unlink(self.health_socket)
+            except OSError:
+                pass
         path = self.config.pid_file
         if path and os.path.lexists(path) and read_pid(path) in (os.getpid(), None):  # else not ours
             try:

@@ -189,7 +189,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve Sessions as JSON lines on this unix socket (created 0600 in an existing "
                         "directory; closed and removed as soon as a drain starts); gRPC stays the admin face")
     p.add_argument("--token-file", default=None,
-                   help="TCP only: a 0600 file with the bearer token every RPC but Health must carry")
+                   help="a 0600 file with the bearer token every gRPC call but Health (and reflection of Health) "
+                        "must carry: required with a tcp: endpoint, optional with a unix: one (a second lock "
+                        "beside the socket's 0600 mode); the JSONL front end is guarded by its socket's mode only")
+    p.add_argument("--health-endpoint", default=None, metavar="tcp:HOST:PORT|unix:PATH",
+                   help="also serve grpc.health.v1 (Check, Watch; services '', codexbroker.v1.AppServer, "
+                        "codexbroker.v1.Liveness) and reflection of Health only, with no token, on any address "
+                        "(0.0.0.0 for a Kubernetes gRPC probe); a unix socket here needs an existing directory")
     p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
     p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
     p.add_argument("--app-server", default=None,

@@ -9,7 +9,16 @@ the probe and waits for it briefly, so one Check is a real client -> proxy -> ap
 proxy -> client round trip; it never blocks past 0.5 s or its own deadline.
 
 Probing goes on while the broker drains (a wedge then must end the drain: ``on_wedged`` is
-called on every tick the app-server counts as wedged); it stops only when the broker stops."""
+called on every tick the app-server counts as wedged); it stops only when the broker stops.
+
+Readiness is not liveness. Health "" and ``codexbroker.v1.AppServer`` are readiness: NOT_SERVING
+as soon as a drain starts. ``codexbroker.v1.Liveness`` is NOT_SERVING only while the app-server
+is wedged or gone (or the broker stops): a liveness probe on it never restarts a draining broker
+and kills its turns, and always restarts a wedged one.
+
+The health endpoint (``--health-endpoint``) and the token-guarded TCP endpoint describe Health
+by reflection to anyone: ``health_reflection`` answers from a descriptor pool that holds only
+grpc/health/v1/health.proto, so no other service, symbol or file can be found through it."""
 from __future__ import annotations
 
 import asyncio
@@ -18,14 +27,19 @@ import time
 from collections.abc import Callable
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import _async as reflection_aio
 
 from proxy.hub import PROBE, AppServerGone, Hub, Pending
 
 log = logging.getLogger("codex_broker.proxy")
 
-SERVICES = ("", "codexbroker.v1.AppServer")
+READINESS = ("", "codexbroker.v1.AppServer")
+LIVENESS = "codexbroker.v1.Liveness"
+SERVICES = (*READINESS, LIVENESS)
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -46,6 +60,7 @@ class HealthMonitor:
         self._on_wedged = on_wedged
         self._probe: asyncio.Future[None] | None = None
         self._published: bool | None = None
+        self._published_alive: bool | None = None
         self.last_probe_at = 0.0  # unix time
         self.last_probe_latency = 0.0  # seconds
         self.servicer = BrokerHealthServicer(self)
@@ -68,9 +83,15 @@ class HealthMonitor:
             return 0.0
         return now - (max(oldest, self.hub.last_response) + self.hang_after)
 
-    def serving(self) -> bool:
+    def alive(self) -> bool:
+        """Liveness: the app-server runs, was initialized, is not gone and not wedged (whether
+        or not the broker accepts work)."""
         return (self._app_alive() and self.hub.init_result is not None and self.hub.gone is None
-                and self._accepting() and not self.wedged())
+                and not self.wedged())
+
+    def serving(self) -> bool:
+        """Readiness: alive, and the broker accepts work (not draining or stopping)."""
+        return self._accepting() and self.alive()
 
     def proof_is_stale(self) -> bool:
         return time.monotonic() - self.hub.last_response >= self.interval
@@ -93,24 +114,30 @@ class HealthMonitor:
             self._probe.set_result(None)
 
     async def publish(self) -> bool:
-        """Tells watchers the current verdict if it changed; returns it."""
-        serving = self.serving()
+        """Tells watchers the current verdicts (readiness, liveness) if they changed; returns
+        readiness."""
+        serving, alive = self.serving(), self.alive()
         if serving != self._published:
             if self._published is not None or serving:
                 log.info("health %s", "SERVING" if serving else "NOT_SERVING" + self._why_not())
             self._published = serving
-            for service in SERVICES:
+            for service in READINESS:
                 await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+        if alive != self._published_alive:
+            if self._published_alive is not None or alive:
+                log.info("liveness %s", "SERVING" if alive else "NOT_SERVING" + self._why_not())
+            self._published_alive = alive
+            await self.servicer.set(LIVENESS, SERVING if alive else NOT_SERVING)
         return serving
 
     def _why_not(self) -> str:
         if self.hub.gone is not None or not self._app_alive():
             return " (app-server gone)"
-        if not self._accepting():
-            return " (draining)"
         if self.wedged():
             oldest = self.hub.oldest_pending() or time.monotonic()
             return f" (app-server has not answered for {time.monotonic() - oldest:.1f} s)"
+        if not self._accepting():
+            return " (draining)"
         return ""
 
     async def run(self) -> None:
@@ -124,7 +151,9 @@ class HealthMonitor:
             await self.publish()
             await asyncio.sleep(TICK)
 
-    async def check(self, deadline_remaining: float | None) -> bool:
+    async def check(self, deadline_remaining: float | None, service: str = "") -> bool:
+        """The verdict for ``service`` (liveness for LIVENESS, else readiness), after a probe
+        when the last proof is stale."""
         if self.proof_is_stale() and self.hub.gone is None:
             budget = CHECK_WAIT if deadline_remaining is None else min(CHECK_WAIT, deadline_remaining - 0.05)
             if budget > 0:
@@ -132,7 +161,8 @@ class HealthMonitor:
                     await asyncio.wait_for(asyncio.shield(self.probe()), budget)
                 except TimeoutError:
                     pass
-        return await self.publish()
+        serving = await self.publish()
+        return bool(self._published_alive) if service == LIVENESS else serving
 
 
 class BrokerHealthServicer(HealthServicer):
@@ -185,5 +215,15 @@ class BrokerHealthServicer(HealthServicer):
                     ) -> health_pb2.HealthCheckResponse:
         if request.service not in SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        serving = await self._monitor.check(context.time_remaining())
+        serving = await self._monitor.check(context.time_remaining(), request.service)
         return health_pb2.HealthCheckResponse(status=SERVING if serving else NOT_SERVING)
+
+
+def health_reflection() -> reflection_aio.ReflectionServicer:
+    """A reflection servicer that lists grpc.health.v1.Health only and describes nothing else:
+    its descriptor pool holds health.proto alone (health.proto imports nothing)."""
+    pool = descriptor_pool.DescriptorPool()
+    proto = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(proto)
+    pool.Add(proto)
+    return reflection_aio.ReflectionServicer([HEALTH_SERVICE], pool=pool)

@@ -56,7 +56,7 @@ from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, pars
 from proxy.health import HealthMonitor
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.jsonl import JsonlServer
-from proxy.reaper import Reaper
+from proxy.reaper import TERM_GRACE, Reaper
 from proxy.sdnotify import Notifier, status_text
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
@@ -71,6 +71,11 @@ MAX_DRAIN_DEADLINE = 86400.0  # a longer (or infinite) drain deadline is cut to 
 AGE_TICK = 30.0  # the max age is checked at least this often (the clocks may disagree)
 WEDGE_TICK = 0.5  # how often a wedge's length is checked against --exit-when-wedged
 NOTIFY_TICK = 1.0  # under systemd, STATUS= is refreshed (when it changed) this often
+APP_STOP_WAITS = 2.0 + 2.0 + 1.0  # the app-server's stop: stdin EOF, SIGTERM, its stdout closing
+# The longest a stop takes once the drain deadline has passed: the interrupted turns' grace, the
+# forced drain's grace, the Sessions' flush, the app-server's stop, the descendants' SIGTERM and
+# SIGKILL graces, gRPC's grace. A service manager's stop timeout covers drain deadline + this.
+STOP_ESCALATION = INTERRUPT_GRACE + FORCE_GRACE + SESSION_FLUSH + APP_STOP_WAITS + 2 * TERM_GRACE + STOP_GRACE
 S = broker_pb2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -189,7 +189,7 @@ class SocketClaim:
     def __init__(self, path: str, what: str = "socket"):
         self.path = path
         self.what = what
-        self.lock_path = f"{path}.lock"
+        self.lock_path = path + contract.LOCK_SUFFIX
         self._fd: int | None = None
 
     @property

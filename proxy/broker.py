@@ -29,7 +29,12 @@ gRPC and health stay up until the broker stops, so ops tools still see DRAINING.
 
 With ``--health-endpoint`` a second gRPC server serves the same health servicer (readiness and
 ``codexbroker.v1.Liveness``) and reflection of Health only, without the token, on any address;
-it starts after the broker's own endpoint and stops with it (its unix socket, if any, removed)."""
+it starts after the broker's own endpoint and stops with it (its unix socket, if any, removed).
+
+Under systemd (Type=notify, $NOTIFY_SOCKET; see proxy/sdnotify.py) the broker says READY=1 once
+SERVING, STATUS= with its Sessions and turns as they change, STOPPING=1 when a drain (or the stop)
+starts, and WATCHDOG=1 every half WATCHDOG_USEC while the app-server is neither wedged nor gone,
+draining included: WatchdogSec restarts a wedged broker, never a draining one."""
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +60,8 @@ from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, pars
 from proxy.health import HealthMonitor, health_reflection
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.jsonl import JsonlServer
-from proxy.reaper import Reaper
+from proxy.reaper import TERM_GRACE, Reaper
+from proxy.sdnotify import Notifier, status_text
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
 
@@ -68,6 +74,12 @@ STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC c
 MAX_DRAIN_DEADLINE = 86400.0  # a longer (or infinite) drain deadline is cut to this (one day)
 AGE_TICK = 30.0  # the max age is checked at least this often (the clocks may disagree)
 WEDGE_TICK = 0.5  # how often a wedge's length is checked against --exit-when-wedged
+NOTIFY_TICK = 1.0  # under systemd, STATUS= is refreshed (when it changed) this often
+APP_STOP_WAITS = 2.0 + 2.0 + 1.0  # the app-server's stop: stdin EOF, SIGTERM, its stdout closing
+# The longest a stop takes once the drain deadline has passed: the interrupted turns' grace, the
+# forced drain's grace, the Sessions' flush, the app-server's stop, the descendants' SIGTERM and
+# SIGKILL graces, gRPC's grace. A service manager's stop timeout covers drain deadline + this.
+STOP_ESCALATION = INTERRUPT_GRACE + FORCE_GRACE + SESSION_FLUSH + APP_STOP_WAITS + 2 * TERM_GRACE + STOP_GRACE
 S = broker_pb2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -123,6 +135,7 @@ class Broker:
         self._app_wedged = False  # the app-server stopped answering: stop it without the polite waits
         self._starting: asyncio.Task[None] | None = None
         self._drain_asked = ""  # a client asked for a drain before the broker was SERVING
+        self.notify = Notifier()  # systemd's notify socket; a no-op without $NOTIFY_SOCKET
 
     # -- small facts ---------------------------------------------------------------------
     @property
@@ -208,6 +221,9 @@ class Broker:
                      self.app.pid if self.app else None, self.config.instance_id)
             if serving:  # else the app-server is already gone, and the broker about to stop
                 self.ready.set()
+                self.notify.ready(self._status_text())
+                if self.notify.enabled:
+                    self._spawn(self._notify_loop(), "notify")
             await self._stop.wait()
         finally:
             await self._shutdown()
@@ -397,6 +413,7 @@ class Broker:
             log.info("drain started (%s): deadline %.0f s, %d turns and %d requests in flight%s", reason,
                      deadline - time.monotonic(), len(self.hub.turns), self.hub.pending_work,
                      ", interrupting turns now" if force else "")
+            self.notify.stopping(self._status_text())
             self._spawn(self._drain(), "drain")
             self._spawn(self.health.publish(), "publish")
         elif self._drain_deadline is not None and deadline < self._drain_deadline:
@@ -538,6 +555,29 @@ class Broker:
         self.hub.app_server_gone(why)
         self.stop(1)
 
+    def _status_text(self) -> str:
+        return status_text(len(self.hub.sessions), len(self.hub.turns), self.state_name)
+
+    def app_server_healthy(self) -> bool:
+        """The app-server answers (or has nothing to answer): the watchdog's condition."""
+        return self.app is not None and self.app.alive and self.hub.gone is None and not self.health.wedged()
+
+    async def _notify_loop(self) -> None:
+        """Under systemd: STATUS= when it changed, and WATCHDOG=1 every half WATCHDOG_USEC while
+        the app-server is healthy (draining too). A wedged app-server gets no ping, so systemd's
+        WatchdogSec restarts the broker even without --exit-when-wedged."""
+        interval = self.notify.watchdog
+        tick = NOTIFY_TICK if interval is None else min(NOTIFY_TICK, interval / 2)
+        next_ping = time.monotonic()
+        while True:
+            self.notify.status(self._status_text())
+            now = time.monotonic()
+            if interval is not None and now >= next_ping and self.app_server_healthy():
+                self.notify.ping()
+                next_ping = now + interval
+            wait = tick if interval is None or now >= next_ping else min(tick, next_ping - now)
+            await asyncio.sleep(wait)
+
     def stop(self, code: int) -> None:
         self.hub.stopping = True  # at once, not when _shutdown gets to run
         if not self._stop.is_set():
@@ -549,6 +589,7 @@ class Broker:
         the files are always taken care of."""
         self.stop(self._exit_code)  # for a shutdown not asked for by stop(): a cancelled run()
         self.state = S.BROKER_STATE_STOPPING
+        self.notify.stopping(self._status_text())
         if self.jsonl is not None:
             self.jsonl.close_listener()
         log.info("stopping: %d sessions open, %d turns in flight", len(self.hub.sessions), len(self.hub.turns))
@@ -572,6 +613,7 @@ class Broker:
                     if self.jsonl is not None:
                         self.jsonl.stop()
                     self.files.remove()
+                    self.notify.close()
                     log.info("stopped exit_code=%d", self._exit_code)
 
     async def _stop_children(self) -> None:

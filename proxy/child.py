@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from proxy.config import ConfigError
+from proxy.sdnotify import child_environment
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -58,8 +59,10 @@ def is_subreaper() -> bool:
 
 
 def spawn(argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """The running child, its stdin, stdout and stderr piped (unbuffered).
-    ConfigError naming the cause when the command cannot run."""
+    """The running child, its stdin, stdout and stderr piped (unbuffered), its environment
+    ``env`` (default: ours) without systemd's notify variables. ConfigError naming the cause
+    when the command cannot run."""
+    env = child_environment(os.environ if env is None else env)
     try:
         return subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0, start_new_session=True,

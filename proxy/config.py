@@ -1,11 +1,23 @@
 """What `serve` checks and prepares before anything starts: the configuration, the endpoint,
-the token file, the socket's directory and the pid file.
+the token file, the socket's directory, the socket paths and the pid file.
+
+A fixed socket path survives a crash. Each unix socket the broker listens on (gRPC and JSONL)
+is claimed under an exclusive lock file beside it (``PATH.lock``, flock), held for the broker's
+whole life and released only after the socket is gone: gRPC unlinks its socket's path both when
+it binds and when it stops, so without the lock an old broker still stopping would unlink its
+successor's socket. Holding the lock, the claim decides by one rule (``socket_liveness``, also
+the JSONL front end's): a path with nothing there is free; a socket whose connect attempt is
+refused (ECONNREFUSED, or the file gone meanwhile) is a crashed broker's and is replaced; one
+that accepts, or whose backlog is full (EAGAIN), is live and `serve` refuses (exit 2).
 
 Nothing here imports grpc or asyncio, so `serve` can settle all of it, and spawn the
 app-server, while the heavier modules are still loading."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import socket
 import stat
 from dataclasses import dataclass, field
 
@@ -151,10 +163,122 @@ def read_token_file(path: str) -> str:
     return token
 
 
+LIVE, STALE, MISSING = "live", "stale", "missing"
+DEAD_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT})  # nobody accepts there; EAGAIN is a full backlog
+
+
+def liveness_from_errno(err: int | None) -> str:
+    """The verdict on a socket from its connect attempt's errno (None: it connected): STALE only
+    when refused or gone, LIVE when it connected or its backlog is full; OSError otherwise."""
+    if err is None or err in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return LIVE
+    if err in DEAD_ERRNOS:
+        return STALE
+    raise OSError(err, os.strerror(err))
+
+
+def socket_liveness(path: str, what: str = "socket") -> str:
+    """MISSING (nothing at ``path``), STALE (a socket nobody accepts on) or LIVE (it accepts, or
+    its backlog is full). ConfigError when the path holds something that is not a socket, or
+    the connect attempt fails otherwise. Never blocks: the attempt is non-blocking."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return MISSING
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{what} path is taken by something that is not a socket: {path}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+            err = None
+        except OSError as exc:
+            err = exc.errno
+        try:
+            return liveness_from_errno(err)
+        except OSError as exc:
+            raise ConfigError(f"{what} path {path} cannot be checked: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+class SocketClaim:
+    """An exclusive claim on one unix socket path: the lock file ``PATH.lock`` held (flock) from
+    ``acquire`` to ``release``, and a crashed broker's socket replaced. The lock file is unlinked
+    while still locked, so a claimant that opened it before checks, after locking, that the file
+    it holds is still the one at the path (else it retries on the new one)."""
+
+    def __init__(self, path: str, what: str = "socket"):
+        self.path = path
+        self.what = what
+        self.lock_path = path + contract.LOCK_SUFFIX
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """ConfigError (holding nothing) when another broker holds the path or its socket is live."""
+        self._lock()
+        try:
+            verdict = socket_liveness(self.path, self.what)
+            if verdict == LIVE:
+                raise ConfigError(f"{self.what} path is already in use: {self.path} (another broker may be "
+                                  "serving it)")
+            if verdict == STALE:
+                os.unlink(self.path)  # a crashed broker's: nobody accepts there, and we hold the lock
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self) -> None:
+        for _ in range(10):
+            try:  # not inherited by the app-server (Python's descriptors are close-on-exec)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise ConfigError(f"cannot open lock file {self.lock_path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(f"{self.what} path is already in use: {self.path} (another broker holds "
+                                  f"{self.lock_path})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)  # its holder unlinked it before releasing: lock the file now at the path
+        raise ConfigError(f"cannot lock {self.lock_path}: it keeps being replaced")
+
+    def remove_socket(self) -> None:
+        """Unlinks the socket, only while the path is ours."""
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """The lock file unlinked, then unlocked. Idempotent."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.lock_path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
 class BrokerFiles:
     """The broker's footprint on disk: the socket's private directory (created when missing),
-    the socket, the pid file; ``prepare`` checks and creates, ``remove`` takes away only what
-    is ours."""
+    the claimed socket paths (gRPC and JSONL: see SocketClaim), the pid file; ``prepare`` checks
+    and creates, ``remove`` takes away only what is ours."""
 
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -162,6 +286,8 @@ class BrokerFiles:
         self.prepared = False
         self._created_dir: str | None = None
         self.health_socket: str | None = None  # the health endpoint's socket, once the broker bound it
+        self._claims: list[SocketClaim] = []
+        self._socket_claim: SocketClaim | None = None
 
     def prepare(self) -> None:
         """ConfigError (having left nothing behind) when the broker must not start here."""
@@ -172,19 +298,33 @@ class BrokerFiles:
                 self.token = read_token_file(cfg.token_file)
             except TokenError as exc:
                 raise ConfigError(str(exc)) from None
-        health = cfg.health_socket_path
-        if health is not None and os.path.lexists(health):
-            raise ConfigError(f"health socket path is already in use: {health}")
-        sock = cfg.socket_path
-        if sock is not None:
-            self._prepare_socket_dir(sock)
-        self._check_pid_file()
+        try:
+            sock = cfg.socket_path
+            if sock is not None:
+                self._prepare_socket_dir(sock)
+                self._socket_claim = self._claim(sock, "socket")
+            jsonl = cfg.jsonl_socket_path
+            if jsonl is not None:
+                if not os.path.isdir(os.path.dirname(jsonl)):
+                    raise ConfigError(f"directory of the JSONL socket does not exist: {os.path.dirname(jsonl)}")
+                self._claim(jsonl, "JSONL socket")
+            health = cfg.health_socket_path
+            if health is not None:
+                self._claim(health, "health socket")
+            self._check_pid_file()
+        except BaseException:
+            self.remove()
+            raise
         self.prepared = True
+
+    def _claim(self, path: str, what: str) -> SocketClaim:
+        claim = SocketClaim(path, what)
+        claim.acquire()
+        self._claims.append(claim)
+        return claim
 
     def _prepare_socket_dir(self, sock: str) -> None:
         directory = os.path.dirname(sock)
-        if os.path.lexists(sock):
-            raise ConfigError(f"socket path is already in use: {sock} (another broker may be serving it)")
         try:
             os.mkdir(directory, 0o700)
             self._created_dir = directory
@@ -207,7 +347,6 @@ class BrokerFiles:
         if path and os.path.lexists(path):
             pid = read_pid(path)
             if pid is not None and pid != os.getpid() and _pid_exists(pid):
-                self.remove()
                 raise ConfigError(f"pid file {path} names a running process ({pid})")
 
     def write_pid(self) -> None:
@@ -219,16 +358,14 @@ class BrokerFiles:
             os.replace(tmp, path)
 
     def remove_socket(self) -> None:
-        """Unlinks the unix socket: from here nobody can connect to it by its path (those
-        connected keep their connections). Also part of ``remove``."""
-        path = self.config.socket_path
-        if path and os.path.lexists(path):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        """Unlinks the gRPC unix socket (only while its path is ours): from here nobody can
+        connect to it by its path (those connected keep their connections). Also part of
+        ``remove``."""
+        if self._socket_claim is not None:
+            self._socket_claim.remove_socket()
 
     def remove(self) -> None:
+        """Everything ours gone; the socket paths' locks released last, after their sockets."""
         self.remove_socket()
         if self.health_socket is not None and os.path.lexists(self.health_socket):
             try:
@@ -241,6 +378,10 @@ class BrokerFiles:
                 os.unlink(path)
             except OSError:
                 pass
+        for claim in self._claims:
+            claim.release()
+        self._claims.clear()
+        self._socket_claim = None
         if self._created_dir is not None:
             try:
                 os.rmdir(self._created_dir)

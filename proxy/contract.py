@@ -59,7 +59,9 @@ def unix_endpoint(socket_path: str) -> str:
 SOCKET_NAME = "s.sock"  # inside a session directory
 JSONL_SOCKET_NAME = "j.sock"  # inside a session directory: the JSONL front end, beside the gRPC socket
 PID_FILE_NAME = "broker.pid"  # inside a session directory
-SESSION_FILES = (SOCKET_NAME, JSONL_SOCKET_NAME, PID_FILE_NAME)  # everything a broker puts in its session directory
+LOCK_SUFFIX = ".lock"  # beside each socket: the lock its broker holds for its whole life (a killed one leaves it)
+SESSION_FILES = (SOCKET_NAME, JSONL_SOCKET_NAME, PID_FILE_NAME, SOCKET_NAME + LOCK_SUFFIX,
+                 JSONL_SOCKET_NAME + LOCK_SUFFIX)  # everything a broker puts in its session directory
 SESSION_DIR_BYTES = 4  # random bytes in a session directory's name, as hex
 _SESSION_DIR_NAME = re.compile(f"[0-9a-f]{{{2 * SESSION_DIR_BYTES}}}")
 RUNTIME_DIR_NAME = "codex-broker"  # under $XDG_RUNTIME_DIR

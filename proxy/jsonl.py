@@ -35,16 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import os
-import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
 from proxy import jsonrpc
-from proxy.config import ConfigError
+from proxy.config import LIVE, ConfigError, socket_liveness
 from proxy.hub import Hub
 from proxy.session import Ending, EndReason, Session
 
@@ -348,24 +345,9 @@ class JsonlServer:
 
 
 def _check_free(path: str) -> None:
-    """ConfigError unless ``path`` is free to listen on, or a stale socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not os.path.isdir(os.path.dirname(path)):
-            raise ConfigError(f"directory of the JSONL socket does not exist: {os.path.dirname(path)}") from None
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"JSONL socket path is taken by something that is not a socket: {path}")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return  # stale: nobody listens there
-        raise ConfigError(f"JSONL socket path {path} cannot be checked: {exc.strerror or exc}") from None
-    else:
+    """ConfigError unless ``path`` is free to listen on, or a stale socket (replaced): the same
+    rule as the gRPC socket's (proxy.config.socket_liveness)."""
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError(f"directory of the JSONL socket does not exist: {os.path.dirname(path)}")
+    if socket_liveness(path, "JSONL socket") == LIVE:
         raise ConfigError(f"JSONL socket path is already in use: {path} (another broker may be serving it)")
-    finally:
-        probe.close()

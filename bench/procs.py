@@ -49,6 +49,7 @@ async def spawn_direct() -> JsonlClient:
 
 async def stop_direct(client: JsonlClient) -> None:
     await client.close()  # stdin EOF: the fake exits
+    assert client.process is not None, "not a spawned client"
     await _reap(client.process, grace=3.0)
 
 

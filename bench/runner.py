@@ -117,6 +117,7 @@ class Run:
         broker = await Broker("traffic", jsonl=True).start()
         mem = self.results["memory"]
         mem["idle_mb"] = broker.rss_mb()
+        assert direct.process is not None
         self._cpu = {"direct": psutil.Process(direct.process.pid), "broker": psutil.Process(broker.pid),
                      "broker_app_server": psutil.Process(broker.app_server_pid)}
         try:

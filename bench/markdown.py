@@ -334,15 +334,15 @@ WHY_MISSED = {
         "repetition to the next (see the repetitions in latest.json)."),
     "JSONL: 16 concurrent Sessions, aggregate rate": (
         f"The fixed reference ({NODE_CONCURRENT_OK_RPS:,.0f}/s, so 3x is ~11.4k/s) was measured on a quieter "
-        "machine; the issue states this target as a ratio within one run. In the side-by-side run below JSONL "
+        "machine; the target is meant as a ratio within one run. In the side-by-side run below JSONL "
         "served every request at 7x the Node broker's successful rate measured in the same run (6,118/s "
         "against 876/s; Node refused 88 % as busy). Every request costs the broker a socket read, a pipe write, "
         "a pipe read and a socket write; with the bench client and the fake on the same 2 cores, the JSONL "
-        "rate is bounded by the machine, not by the front end (it is already ~1.4x the gRPC Session's)."),
+        "rate is bounded by the machine, not by the front end (it is more than twice the gRPC Session's)."),
 }
 
 
-# One run of the independent peer-bench harness (not part of this project): the Node broker of
+# One run of the independent peer-bench harness (not part of this project; its numbers copied here): the Node broker of
 # openai/codex-plugin-cc (80c31f9, node v20.20.2), this broker over gRPC and over its JSONL front end, and the
 # direct pipe, the same fake and the same Python JSONL client for direct, Node and JSONL (grpc.aio for gRPC),
 # medians of PEER_RUNS runs, one after the other on one 2-core machine of this kind.

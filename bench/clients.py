@@ -1,9 +1,11 @@
-"""One JSON-RPC client, three transports: the same Python code talks to the fake app-server
-over its own stdio pipes (the physical limit) and to the broker over an ``AppServer.Session``
-stream (the tests' own Session client, tests/harness.py); ``CallClient`` sends the same
-requests as ``AppServer.Call`` RPCs.
+"""One JSON-RPC client, four transports: the same Python code talks to the fake app-server
+over its own stdio pipes (the physical limit), to the broker's JSONL front end over a unix
+socket (the same ``JsonlClient`` class as direct), and to the broker over an
+``AppServer.Session`` stream (the tests' own Session client, tests/harness.py); ``CallClient``
+sends the same requests as ``AppServer.Call`` RPCs.
 
-    client = await StdioClient.spawn([python, fake])      # client.process is the child
+    client = await JsonlClient.spawn([python, fake])      # client.process is the child
+    client = await JsonlClient.connect("/path/j.sock")   # one JSONL Session of a broker
     client = await SessionClient.open("unix:/path/s.sock")
     await client.initialize()
     client.set_notification_handler(lambda method, params: ...)
@@ -111,28 +113,46 @@ class RpcClient:
                 future.set_exception(exc)
 
 
-class StdioClient(RpcClient):
-    """JSONL over a child's stdin/stdout: the physical limit."""
+class JsonlClient(RpcClient):
+    """JSONL over any (reader, writer) stream pair: a child's stdout/stdin (direct, the
+    physical limit) or a unix socket (the broker's JSONL front end). The same code both ways.
 
-    def __init__(self, process: asyncio.subprocess.Process):
+    ``read_delay`` > 0 makes a slow reader: it sleeps that long after every read of up to 64 KiB.
+    ``ended`` resolves when the other side closes: ("OVERLOADED", message) if its last error
+    line (id null) was -32001, else ("EOF", "")."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 process: asyncio.subprocess.Process | None = None, read_delay: float = 0.0):
         super().__init__()
         self.process = process
-        assert process.stdin is not None and process.stdout is not None
-        self._reader, self._writer = process.stdout, process.stdin
-        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+        self._reader, self._writer = reader, writer
+        self.read_delay = read_delay
+        self.messages = 0
+        self._last_error: dict[str, Any] | None = None
+        loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[tuple[str, str]] = loop.create_future()
+        self._read_task = loop.create_task(self._read_loop())
 
     @classmethod
-    async def spawn(cls, argv: list[str], **kwargs: Any) -> StdioClient:
+    async def spawn(cls, argv: list[str], **kwargs: Any) -> JsonlClient:
+        """A child speaking JSONL on its stdio (``client.process``)."""
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE, limit=_CHUNK, **kwargs)
-        return cls(proc)
+        assert proc.stdout is not None and proc.stdin is not None
+        return cls(proc.stdout, proc.stdin, process=proc)
+
+    @classmethod
+    async def connect(cls, path: str, read_delay: float = 0.0) -> JsonlClient:
+        """One connection to a JSONL unix socket (one broker Session)."""
+        reader, writer = await asyncio.open_unix_connection(path, limit=_CHUNK)
+        return cls(reader, writer, read_delay=read_delay)
 
     async def _write(self, obj: dict[str, Any]) -> None:
         self._writer.write(_DUMPS(obj).encode() + b"\n")
         await self._writer.drain()
 
     async def close(self) -> None:
-        """EOF to the child (it exits), then stop reading."""
+        """EOF to the other side (a child exits; the broker closes the Session), then stop reading."""
         if self._closed:
             return
         self._closed = True
@@ -147,21 +167,32 @@ class StdioClient(RpcClient):
             pass
         self._fail_pending(ConnectionError("client closed"))
 
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        self.messages += 1
+        if msg.get("id", 0) is None and "error" in msg:
+            self._last_error = msg["error"]
+        super()._dispatch(msg)
+
     async def _read_loop(self) -> None:
         buf = b""
         try:
             while chunk := await self._reader.read(_CHUNK):
                 buf += chunk
-                if b"\n" not in chunk:
-                    continue
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        self._dispatch(json.loads(line))
+                if b"\n" in chunk:
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            self._dispatch(json.loads(line))
+                if self.read_delay:
+                    await asyncio.sleep(self.read_delay)
         except (OSError, ValueError) as exc:
             self._fail_pending(ConnectionError(f"transport failed: {exc!r}"))
         finally:
             self._fail_pending(ConnectionError("connection closed by peer"))
+            if not self.ended.done():
+                error = self._last_error or {}
+                self.ended.set_result(("OVERLOADED", str(error.get("message", ""))) if error.get("code") == -32001
+                                      else ("EOF", ""))
 
 
 class SessionClient(RpcClient):

@@ -195,15 +195,19 @@ async def drain_exit(turn_seconds: float) -> dict[str, Any]:
 FINAL_ITEM_GUARD = 0.5
 
 
-async def slow_reader(deltas: int, read_delay: float, sample_every: float = 0.02) -> dict[str, Any]:
-    """One client reads a frame every ``read_delay`` seconds behind a turn of ``deltas`` deltas;
-    a second Session (deltas opted out) follows the turn to its end. Broker RSS is sampled
-    throughout; the broker is expected to drop the slow Session once it falls too far behind."""
-    b = await Broker("slow-reader").start()
-    slow = watcher = None
+async def slow_reader(deltas: int, read_delay: float, sample_every: float = 0.02, jsonl: bool = False
+                      ) -> dict[str, Any]:
+    """One client reads a frame (JSONL: 64 KiB) every ``read_delay`` seconds behind a turn of
+    ``deltas`` deltas; a second Session (gRPC, deltas opted out) follows the turn to its end.
+    Broker RSS is sampled throughout; the broker is expected to drop the slow Session once it
+    falls too far behind (gRPC: RESOURCE_EXHAUSTED; JSONL: a last -32001 line, then closed)."""
+    b = await Broker("slow-reader-jsonl" if jsonl else "slow-reader", jsonl=jsonl).start()
+    slow: Any = None
+    watcher = None
     try:
         idle = b.rss_mb()
-        slow = await SessionClient.open(b.endpoint, read_delay=read_delay)
+        slow = (await b.jsonl_client(read_delay) if jsonl
+                else await SessionClient.open(b.endpoint, read_delay=read_delay))
         await slow.initialize()
         thread = await start_thread(slow)
         watcher = await SessionClient.open(b.endpoint)
@@ -253,7 +257,7 @@ async def slow_reader(deltas: int, read_delay: float, sample_every: float = 0.02
                 "rss_max_deltas_mb": max(deltas_phase) if deltas_phase else None,
                 "rss_after_mb": samples[-1][1], "samples": len(samples),
                 "item_completed_text_bytes": item_bytes[0] if item_bytes else None,
-                "slow_session_dropped": status == "RESOURCE_EXHAUSTED", "slow_session_status": status,
+                "slow_session_dropped": status in ("RESOURCE_EXHAUSTED", "OVERLOADED"), "slow_session_status": status,
                 "slow_session_details": details, "slow_session_messages": slow.messages,
                 "series_mb": [[round(t - t0, 3), round(rss, 1)] for t, rss in samples[:: max(1, len(samples) // 300)]]}
     except Exception as exc:

@@ -1,5 +1,6 @@
 """The processes under test: the fake app-server spoken to directly, and broker processes
-(``python -m proxy serve``, the tests' BrokerProcess) in front of the same fake. Every process
+(``python -m proxy serve``, the tests' BrokerProcess) in front of the same fake, with its JSONL
+front end on a unix socket beside the gRPC one when asked (``Broker(..., jsonl=True)``). Every process
 started here is stopped here, by the pid we started (a broker: SIGTERM, SIGINT twice, SIGKILL,
 with the tests' checks for anything left behind); the app-server behind a broker dies with it
 (parent-death signal).
@@ -23,7 +24,7 @@ from typing import Any
 import grpc
 import psutil
 
-from bench.clients import StdioClient
+from bench.clients import JsonlClient
 from protos import broker_pb2, broker_pb2_grpc
 from tests.harness import CHANNEL_OPTIONS, FAKE, ROOT, BrokerProcess, short_dir  # noqa: F401 (ROOT re-exported)
 
@@ -39,15 +40,16 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 1e6
 
 
-async def spawn_direct() -> StdioClient:
+async def spawn_direct() -> JsonlClient:
     """The fake app-server on our own pipes, initialized."""
-    client = await StdioClient.spawn(fake_argv(), stderr=asyncio.subprocess.DEVNULL)
+    client = await JsonlClient.spawn(fake_argv(), stderr=asyncio.subprocess.DEVNULL)
     await client.initialize()
     return client
 
 
-async def stop_direct(client: StdioClient) -> None:
+async def stop_direct(client: JsonlClient) -> None:
     await client.close()  # stdin EOF: the fake exits
+    assert client.process is not None, "not a spawned client"
     await _reap(client.process, grace=3.0)
 
 
@@ -93,10 +95,11 @@ class Broker:
     """One ``python -m proxy serve`` in front of the fake, in a fresh private directory: the
     tests' broker process (tests/harness.py), started and stopped without blocking the loop."""
 
-    def __init__(self, name: str, flags: list[str] | None = None):
+    def __init__(self, name: str, flags: list[str] | None = None, jsonl: bool = False):
         self.name = name
-        self.flags = flags or []
         self.base = short_dir("cxbench")
+        self.jsonl_path = os.path.join(self.base, "j.sock") if jsonl else None
+        self.flags = [*(flags or []), *(["--jsonl-endpoint", f"unix:{self.jsonl_path}"] if jsonl else [])]
         self.process: BrokerProcess | None = None
         self.pid = 0  # the broker itself (from Status), whatever wraps it
         self.app_server_pid = 0
@@ -156,6 +159,11 @@ class Broker:
         request = broker_pb2.DrainRequest(deadline_seconds=deadline_seconds, force=force, reason="bench")
         async with self.channel() as channel:
             return await broker_pb2_grpc.BrokerStub(channel).Drain(request, timeout=5.0)
+
+    async def jsonl_client(self, read_delay: float = 0.0) -> JsonlClient:
+        """One connection to this broker's JSONL front end (started with ``jsonl=True``)."""
+        assert self.jsonl_path is not None, "the broker was started without its JSONL front end"
+        return await JsonlClient.connect(self.jsonl_path, read_delay=read_delay)
 
     def rss_mb(self) -> float:
         return rss_mb(self.pid)

@@ -29,6 +29,7 @@ NODE_REFUSED_SHARE = 0.84
 # figure is the one held to the target.
 NODE_CONCURRENT_OK_RPS = 3_807.0
 RSS_LIMIT_MB = 60.0
+JSONL_STREAM_SHARE = 0.85  # the JSONL front end's targets: issue 10, item 8
 
 
 def get(results: dict[str, Any], path: str) -> Any:
@@ -115,6 +116,22 @@ TARGETS = [
            f"bounded, < {RSS_LIMIT_MB:.0f} MB"),
     Target("rss_slow_reader_turn", "Broker RSS max over that whole turn, its final item/completed included",
            _at("memory.slow_reader.rss_max_mb"), "<", _const(RSS_LIMIT_MB), "MB",
+           f"bounded, < {RSS_LIMIT_MB:.0f} MB"),
+    Target("jsonl_unary_p50", "JSONL: unary round trip, p50", _at("unary.jsonl.p50_us"), "<=",
+           _const(NODE_UNARY_P50_US), "us", f"no worse than Node's {NODE_UNARY_P50_US:.0f} us"),
+    Target("jsonl_stream_vs_direct", "JSONL: notifications to one client, share of direct",
+           lambda r: paired_ratio(r, "stream.jsonl.notes_per_s", "stream.direct.notes_per_s"), ">=",
+           _const(JSONL_STREAM_SHARE), "x",
+           f">= {JSONL_STREAM_SHARE * 100:.0f} % of direct (median of the paired repetitions' ratios)"),
+    Target("jsonl_concurrent_served", "JSONL: 16 concurrent Sessions, requests served", _at("concurrent.jsonl.served"),
+           "==", _at("concurrent.jsonl.attempted"), "", "every request served"),
+    Target("jsonl_concurrent_rps", "JSONL: 16 concurrent Sessions, aggregate rate", _at("concurrent.jsonl.rps"), ">=",
+           _const(3 * NODE_CONCURRENT_OK_RPS), "/s",
+           f">= 3 x Node's successful rate ({NODE_CONCURRENT_OK_RPS:,.0f}/s, see notes)"),
+    Target("jsonl_rss_sessions16", "JSONL: broker RSS with 16 JSONL Sessions (after their requests)",
+           _at("memory.sessions16_jsonl_mb"), "<", _const(RSS_LIMIT_MB), "MB", f"< {RSS_LIMIT_MB:.0f} MB"),
+    Target("jsonl_rss_slow_reader", "JSONL: broker RSS behind a slow JSONL reader, while the deltas stream (max)",
+           _at("memory.slow_reader_jsonl.rss_max_deltas_mb"), "<", _const(RSS_LIMIT_MB), "MB",
            f"bounded, < {RSS_LIMIT_MB:.0f} MB"),
 ]
 

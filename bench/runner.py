@@ -17,7 +17,8 @@ from bench import ops, workloads
 from bench.clients import CallClient, SessionClient
 from bench.procs import Broker, rss_mb, spawn_direct, stop_direct
 
-STEPS = ("startup", "unary", "stream", "stream4", "concurrent", "ensure", "health", "drain", "slow_reader")
+STEPS = ("startup", "unary", "stream", "stream4", "concurrent", "ensure", "health", "drain", "slow_reader",
+         "slow_reader_jsonl")
 TRAFFIC = ("unary", "stream", "stream4", "concurrent")
 STEP_TIMEOUT = 900.0
 Work = Callable[[], Awaitable[dict[str, Any]]]
@@ -101,6 +102,11 @@ class Run:
                 "slow_reader", f"slow reader behind a {c.slow_deltas:,}-delta turn",
                 lambda: ops.slow_reader(c.slow_deltas, c.slow_read_delay),
                 lambda x: f"max RSS {x['rss_max_mb']:.1f} MB, slow Session {x['slow_session_status']}")
+        if "slow_reader_jsonl" in self.steps:
+            r["memory"]["slow_reader_jsonl"] = await self.step(
+                "slow_reader_jsonl", f"slow JSONL reader behind a {c.slow_deltas:,}-delta turn",
+                lambda: ops.slow_reader(c.slow_deltas, c.slow_read_delay, jsonl=True),
+                lambda x: f"max RSS {x['rss_max_mb']:.1f} MB, slow JSONL Session {x['slow_session_status']}")
         return r
 
     async def traffic(self) -> None:
@@ -108,9 +114,10 @@ class Run:
         ``reps`` times, and keeps the median of every figure (latency samples are pooled)."""
         progress("starting the direct fake app-server and a broker")
         direct = await spawn_direct()
-        broker = await Broker("traffic").start()
+        broker = await Broker("traffic", jsonl=True).start()
         mem = self.results["memory"]
         mem["idle_mb"] = broker.rss_mb()
+        assert direct.process is not None
         self._cpu = {"direct": psutil.Process(direct.process.pid), "broker": psutil.Process(broker.pid),
                      "broker_app_server": psutil.Process(broker.app_server_pid)}
         try:
@@ -149,16 +156,19 @@ class Run:
 
         session = await SessionClient.open(broker.endpoint)
         call = CallClient.open(broker.endpoint)
+        jsonl = await broker.jsonl_client()
         try:
             await session.initialize()
+            await jsonl.initialize()
             return await self.compare("unary", {
                 label: (f"unary {what} ({c.requests} requests)",
                         lambda client=client: workloads.unary(client, c.requests, c.warmup))  # type: ignore[misc]
                 for label, what, client in (("direct", "direct", direct), ("session", "over a Session", session),
-                                            ("call", "over Call", call))}, show)
+                                            ("call", "over Call", call), ("jsonl", "over JSONL", jsonl))}, show)
         finally:
             await session.close()
             await call.close()
+            await jsonl.close()
 
     async def _stream(self, direct: Any, broker: Broker) -> dict[str, Any]:
         c = self.counts
@@ -171,13 +181,17 @@ class Run:
             return await workloads.stream([(client, thread)], [(client, thread)], c.deltas)
 
         session = await SessionClient.open(broker.endpoint)
+        jsonl = await broker.jsonl_client()
         try:
             await session.initialize()
+            await jsonl.initialize()
             out = await self.compare("stream", {
                 "direct": (f"stream direct ({c.deltas:,} deltas)", lambda: one_turn(direct)),
-                "session": (f"stream over a Session ({c.deltas:,} deltas)", lambda: one_turn(session))}, show)
+                "session": (f"stream over a Session ({c.deltas:,} deltas)", lambda: one_turn(session)),
+                "jsonl": (f"stream over JSONL ({c.deltas:,} deltas)", lambda: one_turn(jsonl))}, show)
         finally:
             await session.close()
+            await jsonl.close()
         self.results["memory"]["after_stream_mb"] = broker.rss_mb()
         return out
 
@@ -218,19 +232,31 @@ class Run:
         def show(x: dict[str, Any]) -> str:
             return f"{x['served']}/{x['attempted']} served, {x['refused']} refused, {x['rps']:,.0f} req/s"
 
+        mem = self.results["memory"]
+        jsonls = [await broker.jsonl_client() for _ in range(c.clients)]
+        await asyncio.gather(*(j.initialize() for j in jsonls))
+        mem["sessions16_jsonl_open_mb"] = broker.rss_mb()
         sessions = [await SessionClient.open(broker.endpoint) for _ in range(c.clients)]
         try:
             await asyncio.gather(*(s.initialize() for s in sessions))
-            self.results["memory"]["sessions16_open_mb"] = broker.rss_mb()
+            mem["sessions16_open_mb"] = broker.rss_mb()
             out = await self.compare("concurrent", {
                 "direct": (f"{c.clients} clients x {c.per_client} requests direct (one shared pipe)",
                            lambda: workloads.concurrent([direct] * c.clients, c.per_client)),
                 "session": (f"{c.clients} Sessions x {c.per_client} requests",
-                            lambda: workloads.concurrent(sessions, c.per_client))}, show)
-            self.results["memory"]["sessions16_mb"] = broker.rss_mb()
+                            lambda: workloads.concurrent(sessions, c.per_client)),
+                "jsonl": (f"{c.clients} JSONL Sessions x {c.per_client} requests",
+                          lambda: workloads.concurrent(jsonls, c.per_client))}, show)
+            mem["sessions16_mb"] = broker.rss_mb()
+            for s in sessions:  # what the 16 JSONL Sessions alone hold, the gRPC ones gone
+                await s.close()
+            sessions = []
+            mem["sessions16_jsonl_mb"] = broker.rss_mb()
         finally:
             for s in sessions:
                 await s.close()
+            for j in jsonls:
+                await j.close()
         return out
 
 

@@ -21,6 +21,9 @@ FIGURES = [
     "health.sigstop_to_not_serving_s", "drain.last_turn_to_exit_s",
     "memory.idle_mb", "memory.sessions16_mb", "memory.slow_reader.rss_max_mb", "memory.slow_reader.rss_max_deltas_mb",
     "memory.slow_reader.slow_session_dropped",
+    "unary.jsonl.p50_us", "unary.jsonl.p99_us", "stream.jsonl.notes_per_s", "concurrent.jsonl.served",
+    "concurrent.jsonl.rps", "memory.sessions16_jsonl_mb", "memory.slow_reader_jsonl.rss_max_deltas_mb",
+    "memory.slow_reader_jsonl.slow_session_dropped",
 ]
 
 
@@ -44,8 +47,12 @@ def test_quick_bench_produces_every_figure_and_the_report(tmp_path: Path):
     assert results["concurrent"]["session"]["attempted"] == results["concurrent"]["session"]["served"] \
         + results["concurrent"]["session"]["refused"] + sum(results["concurrent"]["session"]["other_errors"].values())
     assert {t["id"] for t in results["targets"]} >= {"unary_session_p50", "stream_one_client", "concurrent_rps",
-                                                     "start", "health_sigstop", "drain_exit", "rss_slow_reader"}
+                                                     "start", "health_sigstop", "drain_exit", "rss_slow_reader",
+                                                     "jsonl_unary_p50", "jsonl_stream_vs_direct",
+                                                     "jsonl_concurrent_served", "jsonl_concurrent_rps",
+                                                     "jsonl_rss_sessions16", "jsonl_rss_slow_reader"}
     assert all(t["pass"] is not None for t in results["targets"]), [t for t in results["targets"] if t["pass"] is None]
     assert (docs / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (docs / "BENCHMARKS.md").read_text()
     assert "bench.png" in report and ("PASS" in report or "MISS" in report)
+    assert "16 JSONL Sessions" in report and "JSONL: unary round trip, p50" in report

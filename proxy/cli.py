@@ -154,6 +154,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config.token_file = os.path.abspath(args.token_file) if args.token_file else None
         config.allow_remote = args.allow_remote
         config.jsonl_endpoint = args.jsonl_endpoint
+        config.metrics_endpoint = args.metrics_endpoint
     except SystemExit as exc:
         print(exc, file=sys.stderr, flush=True)
         return 2

@@ -190,7 +190,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "directory; closed and removed as soon as a drain starts); gRPC stays the admin face")
     p.add_argument("--token-file", default=None,
                    help="TCP only: a 0600 file with the bearer token every RPC but Health must carry")
-    p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="TCP and --metrics-endpoint only: allow a non-loopback address")
+    p.add_argument("--metrics-endpoint", default=None, metavar="tcp:HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here (GET /metrics; no token; loopback unless "
+                        "--allow-remote; port 0 picks a free one, logged as 'metrics on ...')")
     p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
     p.add_argument("--app-server", default=None,
                    help="app-server command, split shell-style (default: $CODEX_BROKER_APP_SERVER or "

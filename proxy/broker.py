@@ -219,8 +219,11 @@ class Broker:
             if self._drain_asked:
                 self.drain(None, reason=self._drain_asked)
             serving = await self.health.publish()
+            app_pid = self.app.pid if self.app else None
             log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
-                     self.app.pid if self.app else None, self.config.instance_id)
+                     app_pid, self.config.instance_id,
+                     extra={"event": "ready", "fields": {"endpoint": self.config.endpoint, "app_server_pid": app_pid,
+                                                         "instance": self.config.instance_id}})
             if serving:  # else the app-server is already gone, and the broker about to stop
                 self.ready.set()
             await self._stop.wait()
@@ -573,7 +576,8 @@ class Broker:
                     if self.metrics_server is not None:
                         self.metrics_server.stop()
                     self.files.remove()
-                    log.info("stopped exit_code=%d", self._exit_code)
+                    log.info("stopped exit_code=%d", self._exit_code,
+                             extra={"event": "stopped", "fields": {"exit_code": self._exit_code}})
 
     async def _stop_children(self) -> None:
         if self.app is not None:

@@ -164,6 +164,23 @@ _PYTHON = re.compile(r"python[0-9.]*")
 
 DEFAULT_LOG_MAX_BYTES = 8 << 20
 MIN_LOG_MAX_BYTES = 64 << 10
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT_ENV = "CODEX_BROKER_LOG_FORMAT"  # read by every serve, so brokers the lifecycle spawns follow it
+LOG_LEVEL_ENV = "CODEX_BROKER_LOG_LEVEL"
+
+
+def log_setting(flag: str | None, env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    """--log-format / --log-level: the flag, else the variable ``name`` (an empty one counts as
+    unset; case does not matter), else ``default``. ValueError for a variable not in ``choices``."""
+    if flag is not None:
+        return flag
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw.lower()
 
 
 def _nonneg(text: str) -> float:
@@ -228,6 +245,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Session further behind than this is dropped (default 8 MiB)")
     p.add_argument("--log-file", default=None, metavar="PATH",
                    help="log to this file (and send stdout/stderr there) instead of stderr, rotated by size")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="text (default), or json: one object per line with time, level, event and the event's "
+                        f"fields (app-server stderr lines inside records); default ${LOG_FORMAT_ENV}, else text")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help=f"the least severe records logged (default ${LOG_LEVEL_ENV}, else info)")
     p.add_argument("--log-max-bytes", type=_log_bytes, default=DEFAULT_LOG_MAX_BYTES, metavar="N",
                    help="--log-file never grows past N bytes; then it is rotated to NAME.1.SUFFIX, replacing "
                         f"the previous one (default {DEFAULT_LOG_MAX_BYTES >> 20} MiB, at least {MIN_LOG_MAX_BYTES})")

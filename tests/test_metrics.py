@@ -1,14 +1,22 @@
 """--metrics-endpoint: Prometheus metrics scraped from a real broker that has done known work."""
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import shlex
 import shutil
 import urllib.error
 import urllib.request
 
-from harness import SessionClient, aio_channel, run, run_serve, short_dir, wait_for
+import grpc
+from harness import SessionClient, aio_channel, fake_command, new_marker, run, run_serve, short_dir, wait_for
 from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
 from prometheus_client.parser import text_string_to_metric_families
+
+from protos import broker_pb2, broker_pb2_grpc
+from proxy.broker import Broker
+from proxy.config import ServeConfig
 
 METRICS = ["--metrics-endpoint", "tcp:127.0.0.1:0"]
 
@@ -155,3 +163,48 @@ def test_metrics_endpoint_off_loopback_is_refused_without_allow_remote(tmp_path)
                        "--metrics-endpoint", "tcp:0.0.0.0:0")
     assert result.returncode == 2
     assert "--metrics-endpoint tcp:0.0.0.0:0 is not loopback: pass --allow-remote" in result.stderr
+
+
+def test_an_app_server_exit_counts_once_and_fails_the_pending_requests_of_sessions_and_calls():
+    """In process: the broker's own registry is read after run() returned (exit 1)."""
+    base = short_dir()
+    marker = new_marker()
+    sock = os.path.join(base, "d", "s.sock")
+    config = ServeConfig(endpoint=f"unix:{sock}", app_server=shlex.split(fake_command(marker=marker)), cwd=base,
+                         metrics_endpoint="tcp:127.0.0.1:0")
+
+    async def main() -> tuple[int, Broker]:
+        broker = Broker(config)
+        running = asyncio.create_task(broker.run())
+        try:
+            await asyncio.wait([running, asyncio.ensure_future(broker.ready.wait())], timeout=30,
+                               return_when=asyncio.FIRST_COMPLETED)
+            assert broker.ready.is_set(), running.result() if running.done() else "not ready in 30 s"
+            async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+                s = SessionClient(channel)
+                await s.initialize()
+                slow = await s.send_request("fake/slow", {"seconds": 60})
+                stub = broker_pb2_grpc.AppServerStub(channel)
+                exit_call = stub.Call(broker_pb2.CallRequest(method="fake/exit", params_json='{"code": 3}'))
+                reply = await exit_call
+                assert reply.HasField("error"), reply
+                assert "error" in await asyncio.wait_for(slow, 30)
+            return await asyncio.wait_for(running, 30), broker
+        except BaseException:
+            broker.stop(1)
+            await asyncio.wait([running], timeout=30)
+            raise
+
+    try:
+        code, broker = asyncio.run(main())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert code == 1
+    assert broker.metrics is not None
+    registry = broker.metrics.registry
+    assert registry.get_sample_value("codex_broker_app_server_exits_total") == 1
+    assert registry.get_sample_value("codex_broker_requests_total",
+                                     {"via": "session", "method": "other", "outcome": "failed"}) == 1
+    assert registry.get_sample_value("codex_broker_requests_total",
+                                     {"via": "call", "method": "other", "outcome": "failed"}) == 1
+    assert registry.get_sample_value("codex_broker_state", {"state": "STOPPING"}) == 1

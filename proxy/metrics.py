@@ -129,7 +129,8 @@ class MetricsServer:
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port)
+            self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port,
+                                                      limit=REQUEST_HEAD_LIMIT)
         except OSError as exc:
             raise ConfigError(f"cannot listen on --metrics-endpoint {self.endpoint}: {exc}") from None
         self.port = self._server.sockets[0].getsockname()[1]  # the port chosen when 0 was asked for
@@ -158,7 +159,7 @@ class MetricsServer:
         method, target = parts[0], parts[1].split(b"?", 1)[0]
         if target not in (b"/metrics", b"/"):
             return "404 Not Found", b"not found: try /metrics\n", "text/plain"
-        if method not in (b"GET", b"HEAD"):
+        if method != b"GET":
             return "405 Method Not Allowed", b"GET only\n", "text/plain"
         accept = ""
         for header in head.split(b"\r\n")[1:]:
@@ -167,4 +168,4 @@ class MetricsServer:
                 accept = field.strip().decode("latin-1")
         encode, kind = choose_encoder(accept)  # the text format, or OpenMetrics when asked for
         body = encode(self.metrics.registry)
-        return "200 OK", b"" if method == b"HEAD" else body, kind
+        return "200 OK", body, kind

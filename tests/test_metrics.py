@@ -148,14 +148,20 @@ def test_metrics_count_a_session_dropped_as_slow(broker):
     assert value(scrape(url), "codex_broker_sessions_open", transport="grpc") == 0
 
 
-def test_metrics_endpoint_serves_only_the_metrics_path(broker):
+def http_error(request: str | urllib.request.Request) -> int:
+    try:
+        urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    raise AssertionError("expected an HTTP error")
+
+
+def test_metrics_endpoint_serves_only_get_of_the_metrics_path(broker):
     b = broker(*METRICS)
     url = metrics_url(b)
-    try:
-        urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=10)
-        raise AssertionError("expected 404")
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 404
+    assert http_error(url.replace("/metrics", "/other")) == 404
+    assert http_error(urllib.request.Request(url, data=b"x", method="POST")) == 405
+    assert value(scrape(url), "codex_broker_state", state="SERVING") == 1
 
 
 def test_metrics_endpoint_off_loopback_is_refused_without_allow_remote(tmp_path):

@@ -230,7 +230,8 @@ class AppServerProcess:
         self.stderr_tail.extend(_stderr_text(raw) for raw in lines[-STDERR_TAIL_LINES:])
         granted = self._stderr_limit.take(time.monotonic(), len(lines))
         for raw in lines[:granted]:
-            log.info("app-server: %s", _stderr_text(raw))
+            text = _stderr_text(raw)
+            log.info("app-server: %s", text, extra={"event": "app-server stderr", "fields": {"line": text}})
         if granted < len(lines) and self._stderr_summary is None:
             self._stderr_summary = asyncio.get_running_loop().call_later(STDERR_SUMMARY_EVERY,
                                                                          self._summarize_dropped)
@@ -239,7 +240,9 @@ class AppServerProcess:
         self._stderr_summary = None
         dropped = self._stderr_limit.take_dropped()
         if dropped:
-            log.warning("app-server: %d stderr lines not logged (more than %g lines/s)", dropped, STDERR_RATE)
+            log.warning("app-server: %d stderr lines not logged (more than %g lines/s)", dropped, STDERR_RATE,
+                        extra={"event": "app-server stderr lines dropped",
+                               "fields": {"lines": dropped, "rate_limit": STDERR_RATE}})
 
     # -- input to the child --------------------------------------------------------------
     def write_buffer_size(self) -> int:

@@ -44,7 +44,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import psutil
@@ -64,6 +64,9 @@ from proxy.reaper import TERM_GRACE, Reaper
 from proxy.sdnotify import Notifier, status_text
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
+
+if TYPE_CHECKING:
+    from proxy.metrics import BrokerMetrics, MetricsServer
 
 log = logging.getLogger("codex_broker.proxy")
 
@@ -118,6 +121,10 @@ class Broker:
                                     app_alive=lambda: self.app is not None and self.app.alive,
                                     on_wedged=self._app_server_wedged)
         self.reaper = Reaper(keep=self._own_children) if subreaper else None
+        self.metrics: BrokerMetrics | None = None  # with --metrics-endpoint (prometheus-client loads only then)
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics_endpoint is not None:
+            self._count_metrics()
         self.ready = asyncio.Event()  # set once listening and SERVING
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None  # with --health-endpoint
@@ -136,6 +143,19 @@ class Broker:
         self._starting: asyncio.Task[None] | None = None
         self._drain_asked = ""  # a client asked for a drain before the broker was SERVING
         self.notify = Notifier()  # systemd's notify socket; a no-op without $NOTIFY_SOCKET
+
+    def _count_metrics(self) -> None:
+        from proxy.metrics import BrokerMetrics
+
+        metrics = self.metrics = BrokerMetrics(self)
+        self.hub.on_turn_end = metrics.turn_seconds.observe
+        answered = self.hub.on_probe_response
+
+        def probe_answered(pending: Any) -> None:
+            answered(pending)
+            metrics.probe_seconds.observe(self.health.last_probe_latency)
+
+        self.hub.on_probe_response = probe_answered
 
     # -- small facts ---------------------------------------------------------------------
     @property
@@ -217,8 +237,11 @@ class Broker:
             if self._drain_asked:
                 self.drain(None, reason=self._drain_asked)
             serving = await self.health.publish()
+            app_pid = self.app.pid if self.app else None
             log.info("ready endpoint=%s pid=%d app_server_pid=%s instance=%s", self.config.endpoint, os.getpid(),
-                     self.app.pid if self.app else None, self.config.instance_id)
+                     app_pid, self.config.instance_id,
+                     extra={"event": "ready", "fields": {"endpoint": self.config.endpoint, "app_server_pid": app_pid,
+                                                         "instance": self.config.instance_id}})
             if serving:  # else the app-server is already gone, and the broker about to stop
                 self.ready.set()
                 self.notify.ready(self._status_text())
@@ -255,6 +278,8 @@ class Broker:
                 await self.reaper.stop_descendants()
             if self.jsonl is not None:
                 self.jsonl.stop()
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             for server in (self.server, self.health_server):
                 if server is not None:
                     await server.stop(None)
@@ -281,7 +306,7 @@ class Broker:
         params = {"clientInfo": {"name": "codex-broker", "title": "codex-broker", "version": self.version},
                   "capabilities": {"experimentalApi": True}}
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.hub.request(CALL, "initialize", params, future=future)
+        self.hub.request(CALL, "initialize", params, future=future, counted=False)
         gone: asyncio.Future[Any] = asyncio.ensure_future(self.app.wait_gone())
         try:
             done, _ = await asyncio.wait([future, gone], timeout=self.config.start_timeout,
@@ -340,6 +365,11 @@ class Broker:
             self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
                                      on_shutdown=self.request_drain)
             await self.jsonl.start()
+        if self.metrics is not None:  # its port may be taken: ConfigError, and _start stops the others
+            from proxy.metrics import MetricsServer
+
+            self.metrics_server = MetricsServer(self.metrics, cfg.metrics_address())
+            await self.metrics_server.start()
         self.files.write_pid()
 
     async def _listen_health(self, options: list[tuple[str, Any]]) -> None:
@@ -535,6 +565,8 @@ class Broker:
         if self.state == S.BROKER_STATE_STOPPING:
             return
         why = self.app.describe_exit()
+        if self.metrics is not None:
+            self.metrics.app_server_exits += 1
         log.error("%s; failing %d pending requests and stopping", why, self.hub.pending_work)
         self.hub.app_server_gone(why)
         await self.health.publish()
@@ -612,9 +644,12 @@ class Broker:
                 finally:
                     if self.jsonl is not None:
                         self.jsonl.stop()
+                    if self.metrics_server is not None:
+                        self.metrics_server.stop()
                     self.files.remove()
                     self.notify.close()
-                    log.info("stopped exit_code=%d", self._exit_code)
+                    log.info("stopped exit_code=%d", self._exit_code,
+                             extra={"event": "stopped", "fields": {"exit_code": self._exit_code}})
 
     async def _stop_children(self) -> None:
         if self.app is not None:

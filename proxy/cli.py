@@ -9,10 +9,17 @@ The log goes to stderr, or with ``--log-file PATH`` to that file, rotated by siz
 passes ``--log-max-bytes`` (default 8 MiB); when it would, it becomes PATH's name with ``.1``
 before the suffix (``broker.1.log``, replacing the previous one) and a fresh PATH starts, so a
 broker's log takes at most twice the cap. The process's own stdout and stderr (a traceback,
-grpc's native messages) follow the current file."""
+grpc's native messages) follow the current file.
+
+``--log-format json`` (or CODEX_BROKER_LOG_FORMAT=json) writes one JSON object per line instead:
+time, level, event, pid and the event's fields; the app-server's stderr lines are carried inside
+records (event "app-server stderr", field "line"), never raw. ``--log-level`` (or
+CODEX_BROKER_LOG_LEVEL) sets the least severe record logged. Brokers the lifecycle spawns get
+the spawner's environment, so the two variables reach them too."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -37,6 +44,28 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)[-MAX_RECORD:]
         return text
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, pid, then the record's fields. ``event``
+    is the record's ``event`` (``extra={"event": ..., "fields": {...}}``) or else its message.
+    Every string is escaped (JSON never spans lines; non-ASCII as \\u escapes, so any byte
+    the app-server wrote can be carried)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        message = record.getMessage()
+        if len(message) > MAX_RECORD:
+            message = f"{message[:MAX_RECORD]}... ({len(message)} characters)"
+        out: dict[str, object] = {"time": f"{stamp}.{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+                                  "event": getattr(record, "event", None) or message, "pid": os.getpid()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                out.setdefault(str(key), value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)[-MAX_RECORD:]
+        return json.dumps(out, default=str)
 
 
 class _LogFile(logging.handlers.RotatingFileHandler):
@@ -75,15 +104,16 @@ def _rotated_name(default: str) -> str:
     return f"{stem}.{number}.{suffix}" if dot and "/" not in suffix else default
 
 
-def setup_logging(log_file: str | None = None, max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
-    """Records go to stderr, or to ``log_file`` rotated at ``max_bytes`` (OSError if it cannot
-    be opened)."""
+def setup_logging(log_file: str | None = None, max_bytes: int = DEFAULT_LOG_MAX_BYTES, *,
+                  log_format: str = "text", level: str = "info") -> None:
+    """Records at ``level`` and above go to stderr, or to ``log_file`` rotated at ``max_bytes``
+    (OSError if it cannot be opened), as text or as JSON lines (``log_format``)."""
     handler: logging.Handler = _LogFile(log_file, max_bytes) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _Formatter())
     for name in ("codex_broker.proxy", "codex_broker.lifecycle"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO)
+        logger.setLevel(level.upper())
         logger.propagate = False
 
 
@@ -124,7 +154,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
     try:
-        setup_logging(args.log_file, args.log_max_bytes)
+        log_format = contract.log_setting(args.log_format, os.environ, contract.LOG_FORMAT_ENV, contract.LOG_FORMATS,
+                                          "text")
+        log_level = contract.log_setting(args.log_level, os.environ, contract.LOG_LEVEL_ENV, contract.LOG_LEVELS,
+                                         "info")
+    except ValueError as exc:
+        print(f"codex-broker serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(args.log_file, args.log_max_bytes, log_format=log_format, level=log_level)
     except OSError as exc:
         print(f"codex-broker serve: cannot open --log-file {args.log_file}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -155,6 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config.allow_remote = args.allow_remote
         config.jsonl_endpoint = args.jsonl_endpoint
         config.health_endpoint = args.health_endpoint
+        config.metrics_endpoint = args.metrics_endpoint
     except SystemExit as exc:
         print(exc, file=sys.stderr, flush=True)
         return 2

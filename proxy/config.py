@@ -60,6 +60,7 @@ class ServeConfig:
     allow_remote: bool = False
     jsonl_endpoint: str | None = None  # unix:PATH of the JSONL front end, if any
     health_endpoint: str | None = None  # tcp:HOST:PORT or unix:PATH serving Health only, no token
+    metrics_endpoint: str | None = None  # tcp:HOST:PORT of the Prometheus exposition, if any
 
     @property
     def is_tcp(self) -> bool:
@@ -82,12 +83,26 @@ class ServeConfig:
             return None
         return parse_endpoint(self.health_endpoint)
 
+    def metrics_address(self) -> tuple[str, int]:
+        """(host, port) of --metrics-endpoint; ConfigError for another form, or for a host that
+        is not loopback without --allow-remote."""
+        endpoint = self.metrics_endpoint or ""
+        try:
+            host, port = parse_tcp_endpoint(endpoint)
+        except ConfigError:
+            raise ConfigError(f"bad --metrics-endpoint {endpoint!r}: expected tcp:HOST:PORT") from None
+        if not is_loopback(host) and not self.allow_remote:
+            raise ConfigError(f"--metrics-endpoint {endpoint} is not loopback: pass --allow-remote to listen there")
+        return host, port
+
     def validate(self) -> None:
         """ConfigError for an endpoint that must not be served (before anything starts)."""
         jsonl = self.jsonl_socket_path
         if jsonl is not None and jsonl == self.socket_path:
             raise ConfigError(f"--jsonl-endpoint and --endpoint name the same socket: {jsonl}")
         self._validate_health_endpoint()
+        if self.metrics_endpoint is not None:
+            self.metrics_address()
         if not self.is_tcp:
             parse_endpoint(self.endpoint)
             return

@@ -166,6 +166,23 @@ _PYTHON = re.compile(r"python[0-9.]*")
 
 DEFAULT_LOG_MAX_BYTES = 8 << 20
 MIN_LOG_MAX_BYTES = 64 << 10
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT_ENV = "CODEX_BROKER_LOG_FORMAT"  # read by every serve, so brokers the lifecycle spawns follow it
+LOG_LEVEL_ENV = "CODEX_BROKER_LOG_LEVEL"
+
+
+def log_setting(flag: str | None, env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    """--log-format / --log-level: the flag, else the variable ``name`` (an empty one counts as
+    unset; case does not matter), else ``default``. ValueError for a variable not in ``choices``."""
+    if flag is not None:
+        return flag
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw.lower()
 
 
 def _nonneg(text: str) -> float:
@@ -198,7 +215,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve grpc.health.v1 (Check, Watch; services '', codexbroker.v1.AppServer, "
                         "codexbroker.v1.Liveness) and reflection of Health only, with no token, on any address "
                         "(0.0.0.0 for a Kubernetes gRPC probe); a unix socket here needs an existing directory")
-    p.add_argument("--allow-remote", action="store_true", help="TCP only: allow a non-loopback address")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="TCP and --metrics-endpoint only: allow a non-loopback address")
+    p.add_argument("--metrics-endpoint", default=None, metavar="tcp:HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here (GET /metrics; no token; loopback unless "
+                        "--allow-remote; port 0 picks a free one, logged as 'metrics on ...')")
     p.add_argument("--cwd", default=None, help="working directory of the app-server (default: current directory)")
     p.add_argument("--app-server", default=None,
                    help="app-server command, split shell-style (default: $CODEX_BROKER_APP_SERVER or "
@@ -232,6 +253,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Session further behind than this is dropped (default 8 MiB)")
     p.add_argument("--log-file", default=None, metavar="PATH",
                    help="log to this file (and send stdout/stderr there) instead of stderr, rotated by size")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="text (default), or json: one object per line with time, level, event and the event's "
+                        f"fields (app-server stderr lines inside records); default ${LOG_FORMAT_ENV}, else text")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help=f"the least severe records logged (default ${LOG_LEVEL_ENV}, else info)")
     p.add_argument("--log-max-bytes", type=_log_bytes, default=DEFAULT_LOG_MAX_BYTES, metavar="N",
                    help="--log-file never grows past N bytes; then it is rotated to NAME.1.SUFFIX, replacing "
                         f"the previous one (default {DEFAULT_LOG_MAX_BYTES >> 20} MiB, at least {MIN_LOG_MAX_BYTES})")

@@ -95,6 +95,35 @@ YIELD_SECONDS = 0.001
 # The last notifications no Session followed, kept for a sub-agent linked just after them.
 ORPHAN_MESSAGES = 256
 ORPHAN_BYTES = 1 << 20
+# Request methods named in metrics labels; any other is "other", so clients cannot grow the label set.
+METRIC_METHODS = frozenset({
+    "initialize", "thread/start", "thread/resume", "thread/fork", "thread/read", "thread/list",
+    "thread/loaded/list", "thread/archive", "thread/unarchive", "thread/name/set", "thread/rollback",
+    "thread/compact/start", "turn/start", "turn/interrupt", "review/start", "model/list", "account/read",
+    "config/read", "command/exec",
+})
+# Outcomes of a client request: answered with a result, answered with an error, refused by the
+# broker (draining, stopping, overloaded, app-server gone), failed by the app-server's exit.
+OK, ERROR, REFUSED, FAILED = "ok", "error", "refused", "failed"
+
+
+def metric_method(method: str) -> str:
+    return method if method in METRIC_METHODS else "other"
+
+
+@dataclass(eq=False)
+class Counts:
+    """What the hub has done, for proxy/metrics.py to read when scraped: plain ints and
+    Counters, bumped where things happen (the hot path adds once per chunk of lines)."""
+    sessions_opened: collections.Counter[str] = field(default_factory=collections.Counter)  # by transport
+    slow_drops: collections.Counter[str] = field(default_factory=collections.Counter)  # by transport
+    checks: collections.Counter[str] = field(default_factory=collections.Counter)  # connect-and-close, by transport
+    requests: collections.Counter[tuple[str, str, str]] = field(
+        default_factory=collections.Counter)  # (session | call, method label, outcome)
+    lines_from_app_server: int = 0
+    bytes_from_app_server: int = 0
+    messages_from_clients: int = 0
+    bytes_from_clients: int = 0
 
 
 # What a result hands its requester: thread ids to follow, the review thread, the turn id.
@@ -125,6 +154,7 @@ class Pending:
     client_id: msgspec.Raw | None = None  # the client's id, as it wrote it
     thread_id: str | None = None
     future: asyncio.Future[dict[str, Any]] | None = None
+    counted: bool = True  # a client's request, counted in the metrics (not the broker's own initialize)
 
 
 @dataclass(eq=False)
@@ -168,6 +198,8 @@ class Hub:
         self.gone: str | None = None  # why the app-server is gone, once it is
         self.last_response = 0.0  # monotonic time of the last response from the app-server
         self.on_probe_response: Callable[[Pending], None] = lambda pending: None
+        self.counts = Counts()
+        self.on_turn_end: Callable[[float], None] = lambda seconds: None  # a turn's duration, once it ends
 
     # -- accounting ----------------------------------------------------------------------
     @property
@@ -219,31 +251,49 @@ class Hub:
         """One request outside any Session; returns the app-server's response message (its
         members as JSON text, msgspec.Raw) or the proxy's own error (decoded values)."""
         if method == "initialize":
+            self._count(CALL, method, OK)
             return {"id": None, "result": self.init_result}
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
+            self._count(CALL, method, REFUSED)
             return {"id": None, "error": jsonrpc.DRAINING_ERROR}
         if self.overloaded():
+            self._count(CALL, method, REFUSED)
             return {"id": None, "error": jsonrpc.OVERLOADED_ERROR}
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         try:
             self.request(CALL, method, params, future=future, thread_id=thread_id_of(params))
         except AppServerGone as exc:
+            self._count(CALL, method, REFUSED)
             return {"id": None, "error": jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))}
         self._on_change()
         return await future
 
     # -- Sessions ------------------------------------------------------------------------
     def open_session(self, *, transport: str = "grpc",
-                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR) -> Session:
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR, counted: bool = True) -> Session:
         """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
-        work gets while the broker drains (each front end has its own code)."""
+        work gets while the broker drains (each front end has its own code). Not ``counted``: a
+        connection that may only be a connect-and-close check; ``count_session`` counts it as a
+        Session once it sends something, ``close_session`` as a check if it never does."""
         session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
-                          transport=transport, draining_error=draining_error)
+                          transport=transport, draining_error=draining_error, counted=counted)
         self.sessions[session.id] = session
+        if counted:
+            self.counts.sessions_opened[transport] += 1
         self._on_change()
         return session
 
+    def count_session(self, session: Session) -> None:
+        """A connection opened uncounted has shown it is a Session."""
+        if not session.counted:
+            session.counted = True
+            self.counts.sessions_opened[session.transport] += 1
+
+    def _count(self, via: str, method: str, outcome: str) -> None:
+        self.counts.requests[(via, metric_method(method), outcome)] += 1
+
     def _overflow(self, session: Session) -> None:
+        self.counts.slow_drops[session.transport] += 1
         log.warning("session %s dropped: outgoing buffer over %d bytes (client not reading)",
                     session.id, session.limit_bytes)
         session.end(Ending(EndReason.SLOW_CLIENT,
@@ -257,6 +307,8 @@ class Hub:
         """The Session is gone: drop its subscriptions, answer its server requests for it."""
         if self.sessions.pop(session.id, None) is None:
             return
+        if not session.counted:
+            self.counts.checks[session.transport] += 1
         session.end(Ending())
         unfollowed = []
         for thread_id in session.threads:
@@ -410,12 +462,22 @@ class Hub:
         so that what arrived meanwhile (health checks, other Sessions' messages) is served in
         between."""
         if len(data) < LARGE_LINE:
-            self.route(session, jsonrpc.read_client_message(data))
+            self.route_line(session, data)
             return
+        counts = self.counts
+        counts.messages_from_clients += 1
+        counts.bytes_from_clients += len(data)
         async with self._big_message:  # one at a time: two Sessions' big messages do not stack up
             message = jsonrpc.read_client_message(data)
             await asyncio.sleep(YIELD_SECONDS)  # a timer: the loop polls for I/O before it fires
             self.route(session, message)
+
+    def route_line(self, session: Session, data: bytes) -> None:
+        """A small client message (under LARGE_LINE): counted, read and routed at once."""
+        counts = self.counts
+        counts.messages_from_clients += 1
+        counts.bytes_from_clients += len(data)
+        self.route(session, jsonrpc.read_client_message(data))
 
     def refuse(self, session: Session, refusal: Refusal) -> None:
         """A message the front end could not even take apart: its error, with a null id."""
@@ -458,9 +520,11 @@ class Hub:
         if self.stopping or (self.draining and method in jsonrpc.NEW_WORK_METHODS):
             # Once stopping, a request would reach the app-server and its response be lost
             # with the Session: refuse it, so that a retry is safe.
+            self._count(SESSION, method, REFUSED)
             session.push(error_response(client_id, session.draining_error))
             return
         if self.overloaded():
+            self._count(SESSION, method, REFUSED)
             session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))
             return
         pending = Pending(SESSION, method, time.monotonic(), session=session, client_id=client_id,
@@ -468,6 +532,7 @@ class Hub:
         try:
             proxy_id = self._send_request(dict[str, Any](message.members), pending)
         except AppServerGone as exc:
+            self._count(SESSION, method, REFUSED)
             session.push(error_response(client_id, jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))))
             return
         session.pending.add(proxy_id)
@@ -477,8 +542,10 @@ class Hub:
 
     def _initialize(self, session: Session, client_id: msgspec.Raw, params_raw: msgspec.Raw | None) -> None:
         if session.initialized:
+            self._count(SESSION, "initialize", ERROR)
             session.push(error_response(client_id, jsonrpc.ALREADY_INITIALIZED_ERROR))
             return
+        self._count(SESSION, "initialize", OK)
         session.initialized = True
         params = jsonrpc.loads_for_routing(bytes(params_raw)) if params_raw else None
         if isinstance(params, dict):
@@ -557,6 +624,9 @@ class Hub:
         naming a thread that one Session follows, is routed here inline, and consecutive ones
         for the same Session are queued together; everything else goes through ``_route``
         after those are queued, so each Session still gets its messages in order."""
+        counts = self.counts
+        counts.lines_from_app_server += len(lines)
+        counts.bytes_from_app_server += sum(map(len, lines))
         if len(lines) == 1 and len(lines[0]) >= LARGE_LINE:  # a line only comes alone that big
             self._route_envelope(lines[0])
             return
@@ -688,6 +758,8 @@ class Hub:
             return
         if pending.kind in (SESSION, CALL):
             self._pending_work -= 1
+            if pending.counted:
+                self._count(pending.kind, pending.method, ERROR if "error" in msg else OK)
         if pending.kind == PROBE:
             self.on_probe_response(pending)
         elif pending.kind == CALL:
@@ -746,6 +818,8 @@ class Hub:
 
     def _end_turn(self, thread_id: str, turn_id: str) -> None:
         turn = self.turns.pop((thread_id, turn_id), None)
+        if turn is not None:
+            self.on_turn_end(max(time.time() - turn.started_at, 0.0))
         if turn is not None and turn.owner is not None:
             turn.owner.turns.discard((thread_id, turn_id))
             self._maybe_finish(turn.owner)
@@ -824,6 +898,8 @@ class Hub:
         pending, self.pending = self.pending, {}
         self._pending_work = 0
         for item in pending.values():
+            if item.kind in (SESSION, CALL) and item.counted:
+                self._count(item.kind, item.method, FAILED)
             if item.kind == CALL and item.future is not None and not item.future.done():
                 item.future.set_result({"id": None, "error": error})
             elif item.kind == SESSION and item.session is not None:

@@ -29,7 +29,8 @@ End of input. When the client closes its side, what it sent before is routed, wh
 for it is written, and the connection is closed at once: its pending requests' answers are
 dropped and its turns keep running, as on a disconnect. (A gRPC Session that half-closes keeps
 receiving until its turns end; a JSONL client's close waits for the broker to close.) A
-connection that opens and closes at once costs one Session opened and closed.
+connection that opens and closes at once costs one Session opened and closed; the metrics count
+it as a connect-and-close check, not as a Session (a Session is counted at its first line).
 
 Draining. ``broker/shutdown`` is answered ``{}`` at once and asks the broker for a drain (one
 request, however many; it never shortens one under way). New work on a JSONL Session while the
@@ -120,7 +121,8 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR)
+        # Counted as a Session once it sends a line: a client's connect-and-close check is not one.
+        self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR, counted=False)
         self._task = asyncio.create_task(self._serve(self.session), name=f"jsonl {self.session.id}")
         # A task cancelled before it first runs (its Session dropped at once) skips its finally.
         self._task.add_done_callback(lambda _: self._finish(self.session) if self.session else None)
@@ -188,8 +190,9 @@ class Connection(asyncio.Protocol):
             if self._lines or self._big or len(line) >= LARGE_LINE or _SHUTDOWN_BYTES in line or session is None:
                 self._put(line)  # in order, after what waits, by the routing task
                 return
+            self.hub.count_session(session)  # a Session, not a connect-and-close check
             try:
-                self.hub.route(session, jsonrpc.read_client_message(line))
+                self.hub.route_line(session, line)
             except Exception as exc:  # noqa: BLE001 - the broker's own fault: this Session ends, the broker goes on
                 self._routing_failed(session, exc)
 
@@ -223,6 +226,7 @@ class Connection(asyncio.Protocol):
             if isinstance(item, _EndOfInput):
                 hub.close_session(session)
                 return
+            hub.count_session(session)
             if isinstance(item, _TooLong):
                 hub.refuse(session, jsonrpc.Refusal(jsonrpc.error(
                     jsonrpc.INVALID_REQUEST, f"Invalid request: line longer than {self.max_line} bytes")))
@@ -230,7 +234,7 @@ class Connection(asyncio.Protocol):
             if _SHUTDOWN_BYTES in item and self._shutdown(session, item):
                 continue
             if len(item) < LARGE_LINE:
-                hub.route(session, jsonrpc.read_client_message(item))
+                hub.route_line(session, item)
                 continue
             self._big = True
             try:

@@ -61,6 +61,7 @@ class Session:
     opened_at: float = field(default_factory=time.time)
     client_name: str = ""
     transport: str = "grpc"  # the front end's name, for Status
+    counted: bool = True  # counted as a Session in the metrics (False: maybe a connect-and-close check)
     # What new work gets while the broker drains: each front end says (the codes differ).
     draining_error: dict[str, Any] = field(default_factory=lambda: jsonrpc.DRAINING_ERROR)
     initialized: bool = False

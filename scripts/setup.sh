@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh checkout: a virtualenv in .venv with the project and its dev dependencies,
 # and the pinned codex CLI installed locally (node_modules/) when `codex` is not on PATH or
-# when CODEX_BROKER_INSTALL_CODEX=1. Idempotent: a second run only checks.
+# when CODEX_BROKER_INSTALL_CODEX=1, and the grpc-js example's packages (docs/examples/grpcjs).
+# Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,13 @@ if ! .venv/bin/python -c 'import grpc, grpc_tools, psutil, pytest, lifecycle, pr
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[dev,bench]'
   touch .venv/.installed
+fi
+
+# The grpc-js example of docs/CLIENTS.md (run by tests/test_client_examples.py), pinned by its lock file.
+if [ ! -d docs/examples/grpcjs/node_modules/@grpc/grpc-js ] \
+   || [ docs/examples/grpcjs/package-lock.json -nt docs/examples/grpcjs/node_modules/.package-lock.json ]; then
+  echo "setup: installing the grpc-js example's packages into docs/examples/grpcjs/node_modules" >&2
+  npm ci --prefix docs/examples/grpcjs --no-audit --no-fund --loglevel=error >&2
 fi
 
 want_codex=${CODEX_BROKER_INSTALL_CODEX:-}

@@ -37,7 +37,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import BrokerError, StateError, UsageError
+from lifecycle.state import atomic_write
 
 # The companion's broker, app-server-broker.mjs, is byte-identical from 1.0.0 to 1.0.6.
 KNOWN_SHA256 = frozenset({
@@ -382,21 +382,6 @@ def _private_dir(path: Path) -> None:
         raise StateError(f"{path} is not a directory of yours")
     os.chmod(path, 0o700)
 
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Temp file beside ``path``, fsync, rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _replace_if_unchanged(path: Path, expected: bytes, data: bytes) -> None:

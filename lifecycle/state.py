@@ -261,7 +261,7 @@ class WorkspaceState:
     def write(self, record: BrokerRecord) -> None:
         """Atomically replace ``broker.json`` (0600): readers see the old or the new, never half."""
         text = json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(self.record_path, text.encode("utf-8"))
+        atomic_write(self.record_path, text.encode("utf-8"))
 
     def clear(self, record: BrokerRecord) -> bool:
         """Remove ``broker.json`` only if it still names ``record``'s instance.
@@ -284,7 +284,7 @@ class WorkspaceState:
         """Add a rotation entry, keeping the last 50. Call with the lock held."""
         lines = [json.dumps(e.to_json(), sort_keys=True) for e in self.history()]
         lines.append(json.dumps(entry.to_json(), sort_keys=True))
-        _atomic_write(self.history_path, ("\n".join(lines[-HISTORY_LIMIT:]) + "\n").encode("utf-8"))
+        atomic_write(self.history_path, ("\n".join(lines[-HISTORY_LIMIT:]) + "\n").encode("utf-8"))
 
     def history(self) -> list[HistoryEntry]:
         """Rotation entries, oldest first; unreadable lines are skipped (the history is advisory)."""
@@ -325,12 +325,13 @@ def _describe_corruption(raw: bytes, exc: Exception) -> str:
     return f"{kind}: {exc}; {len(raw)} bytes starting {raw[:60]!r}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory; mode 0600."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory: readers see the old
+    file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -127,6 +127,7 @@ class Connection(asyncio.Protocol):
         # A task cancelled before it first runs (its Session dropped at once) skips its finally.
         self._task.add_done_callback(lambda _: self._finish(self.session) if self.session else None)
         self.session.handler = self._task
+        self.session.on_push = self._push_now
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -273,6 +274,19 @@ class Connection(asyncio.Protocol):
         finally:
             reader.cancel()
             self._finish(session)
+
+    def _push_now(self) -> None:
+        """What the Session queues is written at once while the socket takes it (the usual
+        case: an answer leaves in the loop pass that routed it); once the transport pauses,
+        the rest waits for _serve, which writes it when the socket drains. All writes happen
+        in queue order, from the loop, so the order is the app-server's."""
+        session = self.session
+        while session is not None and self._writable.is_set() and not self._lost.is_set() and not self._quiet:
+            batch = session.take_batch()
+            if not batch:
+                return
+            batch.append(b"")
+            self._write(b"\n".join(batch))  # may pause writing: then the loop ends
 
     def _reader_done(self, session: Session, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -78,6 +78,9 @@ class Session:
     _queued_bytes: int = 0
     _large: collections.deque[int] = field(default_factory=collections.deque)  # sizes, in queue order
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # A front end that writes at once when it can (JSONL: one loop pass less per answer); it
+    # takes what is queued with take_batch, in order, and leaves the rest to next_batch.
+    on_push: Callable[[], None] | None = None
 
     @property
     def open(self) -> bool:
@@ -110,6 +113,8 @@ class Session:
         if size >= LARGE_MESSAGE:
             self._large.extend(n for n in map(len, texts) if n >= LARGE_MESSAGE)
         self._wake.set()
+        if self.on_push is not None:
+            self.on_push()
 
     def end(self, ending: Ending) -> None:
         """Ends the Session's RPC (first call wins); an ending without flush frees the buffer."""
@@ -134,6 +139,10 @@ class Session:
                 return None
             self._wake.clear()
             await self._wake.wait()
+        return self.take_batch()
+
+    def take_batch(self) -> list[bytes]:
+        """The oldest messages queued now, as many as fit a batch ([] when none)."""
         queue = self._queue
         if len(queue) <= BATCH_MAX_MESSAGES and self._queued_bytes <= BATCH_MAX_BYTES and not self._large:
             batch = list(queue)  # the usual case: everything queued fits one frame

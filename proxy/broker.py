@@ -200,17 +200,24 @@ class Broker:
         handlers it installs are removed when it returns, whatever the way."""
         loop = asyncio.get_running_loop()
         signals: list[signal.Signals] = [*STOP_SIGNALS]
+        if self.reaper is not None:
+            signals.append(signal.SIGCHLD)
+        # What was there before comes back afterwards, not the default: `serve` notes a late
+        # signal there, so a SIGTERM while the process exits cannot turn exit 0 into a death.
+        previous = {sig: signal.getsignal(sig) for sig in signals}
         for sig in STOP_SIGNALS:  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.reaper is not None:
             loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap_orphans)
-            signals.append(signal.SIGCHLD)
             self.reaper.reap_orphans()  # those that ended before the handler existed
         try:
             return await self._run()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+                handler = previous[sig]
+                if handler is not None:
+                    signal.signal(sig, handler)
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()

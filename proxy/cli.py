@@ -199,8 +199,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     files = BrokerFiles(config)
     early_signals: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):  # noted, never raised (see the docstring)
+        signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
     child = None
     try:
         subreaper = child_process.become_subreaper()  # before the spawn: the app-server's orphans come here
@@ -234,8 +234,11 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("the broker failed: %r", exc, exc_info=exc)
             return refuse(f"the broker failed: {exc!r}", 1)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # A SIGTERM from here on (a second client's teardown) has nothing left to stop, and must
+        # not turn the exit status into a death: ignored until the process is gone (the
+        # interpreter's finalization would put the default action back for a Python handler).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         if child is not None:
             child_process.kill(child)  # a no-op when the broker stopped it (always, but for a crash)
 

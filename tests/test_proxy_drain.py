@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -361,3 +363,25 @@ def test_a_health_watch_ends_ok_after_the_final_not_serving_when_the_broker_stop
 
     run(main())
     assert_cleaned_up(b)
+
+
+def test_sigterms_while_the_broker_exits_never_turn_its_exit_0_into_a_death(broker):
+    """Two clients' teardowns: the second SIGTERM may land while the broker is already exiting
+    (its own handlers gone). The exit status stays 0: a late signal has nothing left to stop."""
+    b = broker()
+    stop = threading.Event()
+
+    def keep_signalling() -> None:
+        while not stop.is_set() and b.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(b.pid, signal.SIGTERM)
+            stop.wait(0.0005)
+
+    b.drain(reason="test: nothing in flight, stop at once")
+    sender = threading.Thread(target=keep_signalling, name="sigterms")
+    sender.start()
+    try:
+        assert b.wait_exit() == 0, b.tail()
+    finally:
+        stop.set()
+        sender.join()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import secrets
 import stat
@@ -86,11 +85,8 @@ class Settings:
         raw = self.env.get(SPAWN_TIMEOUT_ENV, "").strip()
         if not raw:
             return contract.SPAWN_TIMEOUT
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < 0:
+        value = contract.finite_nonneg(raw)
+        if value is None:
             raise UsageError(f"{SPAWN_TIMEOUT_ENV}={raw!r} is not a number of seconds >= 0")
         return value
 

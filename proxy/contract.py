@@ -104,6 +104,16 @@ class MaxAgeError(ValueError):
     """A max age in the environment that is not a number of hours >= 0."""
 
 
+def finite_nonneg(text: str) -> float | None:
+    """The number ``text`` holds when it is finite and >= 0, else None (the one rule for the
+    numbers the environment gives)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def max_age_hours(flag: float | None, env: Mapping[str, str]) -> float:
     """A broker's max age in hours, one rule for `serve` and the lifecycle: the flag, else
     CODEX_BROKER_MAX_AGE_HOURS, else CODEX_COMPANION_BROKER_MAX_AGE_HOURS, else 6 (an empty
@@ -114,11 +124,8 @@ def max_age_hours(flag: float | None, env: Mapping[str, str]) -> float:
     for name in MAX_AGE_ENV:
         raw = env.get(name, "").strip()
         if raw:
-            try:
-                hours = float(raw)
-            except ValueError:
-                hours = math.nan
-            if not math.isfinite(hours) or hours < 0:
+            hours = finite_nonneg(raw)
+            if hours is None:
                 raise MaxAgeError(f"{name}={raw!r} is not a valid age: use a number of hours >= 0 (0 = never rotate)")
             return hours
     return DEFAULT_MAX_AGE_HOURS

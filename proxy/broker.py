@@ -44,6 +44,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -93,6 +94,15 @@ def drain_seconds(requested: float | None, default: float) -> float:
     if requested is None or math.isnan(requested) or requested <= 0:
         requested = default
     return min(requested, MAX_DRAIN_DEADLINE)
+
+
+def _on_sigchld(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` runs in the loop on every SIGCHLD. uvloop keeps SIGCHLD for itself (its own
+    subprocesses, which the broker does not use): there a plain handler hands it to the loop."""
+    try:
+        loop.add_signal_handler(signal.SIGCHLD, callback)
+    except RuntimeError:
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: loop.call_soon_threadsafe(callback))
 
 
 class Broker:
@@ -208,13 +218,14 @@ class Broker:
         for sig in STOP_SIGNALS:  # from the start: a signal while starting cleans up too
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.reaper is not None:
-            loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap_orphans)
+            _on_sigchld(loop, self.reaper.reap_orphans)
             self.reaper.reap_orphans()  # those that ended before the handler existed
         try:
             return await self._run()
         finally:
             for sig in signals:
-                loop.remove_signal_handler(sig)
+                if not loop.remove_signal_handler(sig):
+                    signal.signal(sig, signal.SIG_DFL)  # installed by _on_sigchld, not the loop
                 handler = previous[sig]
                 if handler is not None:
                     signal.signal(sig, handler)

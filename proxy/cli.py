@@ -173,6 +173,12 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"codex-broker serve: {message}", file=sys.stderr, flush=True)
         return code
 
+    from proxy import eventloop
+
+    try:
+        loop_choice = eventloop.choice(args.event_loop, os.environ)
+    except eventloop.EventLoopError as exc:
+        return refuse(str(exc), 2)
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
         return refuse(f"--cwd is not a directory: {cwd}", 2)
@@ -222,10 +228,14 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
         _tune_malloc()
         try:
-            import asyncio
-
+            loop_name, new_loop = eventloop.factory(loop_choice)
+        except eventloop.EventLoopError as exc:
+            files.remove()
+            return refuse(str(exc), 2)
+        log.info("event loop: %s", loop_name)
+        try:
             broker = Broker(config, files=files, child=child, early_signals=early_signals, subreaper=subreaper)
-            return asyncio.run(broker.run())
+            return eventloop.run(broker.run(), new_loop)
         except ConfigError as exc:
             return refuse(str(exc), 2)
         except StartError as exc:

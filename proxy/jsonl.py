@@ -43,7 +43,7 @@ import collections
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from proxy import jsonrpc
 from proxy.config import LIVE, ConfigError, socket_liveness
@@ -118,9 +118,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's are not subclasses)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # Counted as a Session once it sends a line: a client's connect-and-close check is not one.
         self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR, counted=False)
         self._task = asyncio.create_task(self._serve(self.session), name=f"jsonl {self.session.id}")

@@ -112,9 +112,11 @@ class Session:
         self._queued_bytes += size
         if size >= LARGE_MESSAGE:
             self._large.extend(n for n in map(len, texts) if n >= LARGE_MESSAGE)
-        self._wake.set()
         if self.on_push is not None:
-            self.on_push()
+            self.on_push()  # may take everything: then the front end's task is not woken for nothing
+            if not self._queue:
+                return
+        self._wake.set()
 
     def end(self, ending: Ending) -> None:
         """Ends the Session's RPC (first call wins); an ending without flush frees the buffer."""

@@ -249,13 +249,16 @@ class AppServerProcess:
         return self._stdin.get_write_buffer_size() if self._stdin else 0
 
     def send(self, line: bytes) -> None:
-        if self._stdin is None or self.stdin_closed:
+        stdin = self._stdin
+        if stdin is None or self.stdin_closed:
             raise BrokenPipeError("app-server stdin is closed")
+        if stdin.is_closing():
+            return  # the app-server closed its end (it is exiting): lost, as in a broken pipe; wait_gone tells
         if len(line) < 1 << 16:
-            self._stdin.write(line + b"\n")
+            stdin.write(line + b"\n")
         else:  # a big message: no copy of it just to add the newline
-            self._stdin.write(line)
-            self._stdin.write(b"\n")
+            stdin.write(line)
+            stdin.write(b"\n")
 
     # -- state ---------------------------------------------------------------------------
     @property

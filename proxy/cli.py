@@ -28,11 +28,11 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from proxy import contract
 from proxy.contract import DEFAULT_APP_SERVER, DEFAULT_LOG_MAX_BYTES
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing before the spawn
 if TYPE_CHECKING:
     import asyncio
 

@@ -56,17 +56,16 @@ from protos import broker_pb2, broker_pb2_grpc
 from proxy import __version__, jsonrpc
 from proxy import child as child_process
 from proxy.appserver import AppServerProcess
-from proxy.auth import BearerTokenInterceptor
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
 from proxy.health import HealthMonitor, health_reflection
 from proxy.hub import CALL, AppServerGone, Hub
-from proxy.jsonl import JsonlServer
 from proxy.reaper import TERM_GRACE, Reaper
 from proxy.sdnotify import Notifier, status_text
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # loaded where they are used, only when the flags ask for them
+    from proxy.jsonl import JsonlServer
     from proxy.metrics import BrokerMetrics, MetricsServer
 
 log = logging.getLogger("codex_broker.proxy")
@@ -351,7 +350,11 @@ class Broker:
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
                    ("grpc.http2.max_ping_strikes", 0)]
-        interceptors = [BearerTokenInterceptor(self.files.token, health_reflection())] if self.files.token else []
+        interceptors = []
+        if self.files.token:  # --token-file
+            from proxy.auth import BearerTokenInterceptor
+
+            interceptors.append(BearerTokenInterceptor(self.files.token, health_reflection()))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         add_app_server_service(server, AppServerService(self))
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(self), server)
@@ -380,6 +383,8 @@ class Broker:
             await self._listen_health(options)
         jsonl_path = cfg.jsonl_socket_path
         if jsonl_path is not None:  # its path may be taken: ConfigError, and _start stops gRPC again
+            from proxy.jsonl import JsonlServer
+
             self.jsonl = JsonlServer(self.hub, jsonl_path, max_line=cfg.max_message_bytes,
                                      on_shutdown=self.request_drain)
             await self.jsonl.start()

@@ -19,9 +19,9 @@ the spawner's environment, so the two variables reach them too."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
-import logging.handlers
 import os
 import shlex
 import signal
@@ -31,6 +31,12 @@ from collections.abc import Mapping
 
 from proxy import contract
 from proxy.contract import DEFAULT_APP_SERVER, DEFAULT_LOG_MAX_BYTES
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing before the spawn
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy.broker import Broker
 
 MAX_RECORD = 16384  # characters of one log record's message (a traceback may follow)
 
@@ -68,47 +74,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-class _LogFile(logging.handlers.RotatingFileHandler):
-    """Size-rotated log file (one previous file kept, named by ``_rotated_name``) that the
-    process's stdout and stderr follow, so nothing written there escapes the rotation."""
-
-    def __init__(self, path: str, max_bytes: int):
-        super().__init__(path, maxBytes=max_bytes, backupCount=1, encoding="utf-8", errors="replace")
-        self.namer = _rotated_name
-        self._follow()
-
-    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
-        """In bytes, counting what else was written to the file (the base class counts characters)."""
-        if self.stream is None:
-            self.stream = self._open()
-        size = len((self.format(record) + "\n").encode("utf-8", "replace"))
-        self.stream.seek(0, 2)
-        return self.stream.tell() > 0 and self.stream.tell() + size > self.maxBytes
-
-    def doRollover(self) -> None:  # noqa: N802 (logging's name)
-        super().doRollover()
-        self._follow()
-
-    def _follow(self) -> None:
-        if self.stream is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd in (1, 2):
-                os.dup2(self.stream.fileno(), fd)
-
-
-def _rotated_name(default: str) -> str:
-    """``broker-X.log.1`` -> ``broker-X.1.log`` (the log's pattern still matches it)."""
-    base, _, number = default.rpartition(".")
-    stem, dot, suffix = base.rpartition(".")
-    return f"{stem}.{number}.{suffix}" if dot and "/" not in suffix else default
-
-
 def setup_logging(log_file: str | None = None, max_bytes: int = DEFAULT_LOG_MAX_BYTES, *,
                   log_format: str = "text", level: str = "info") -> None:
     """Records at ``level`` and above go to stderr, or to ``log_file`` rotated at ``max_bytes``
     (OSError if it cannot be opened), as text or as JSON lines (``log_format``)."""
-    handler: logging.Handler = _LogFile(log_file, max_bytes) if log_file else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if log_file:
+        from proxy.logfile import LogFile  # logging.handlers: only for a log file
+
+        handler = LogFile(log_file, max_bytes)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if log_format == "json" else _Formatter())
     for name in ("codex_broker.proxy", "codex_broker.lifecycle"):
         logger = logging.getLogger(name)
@@ -147,9 +123,24 @@ def run_serve(args: argparse.Namespace) -> int:
     """Checks everything it can and spawns the app-server before importing the broker (grpc,
     protobuf, asyncio: most of a start), so the app-server starts while they load.
 
+    The cyclic garbage collector is off until the broker is SERVING: a start creates tens of
+    thousands of long-lived objects (modules, classes, descriptors) and next to no garbage, so
+    the collections it would trigger are pure cost (~10 ms of a start). Once SERVING, what the
+    start created is frozen (``gc.freeze``: no collection walks it again; unfrozen, the first
+    collection would walk all of it, ~10 ms, and every full one after that) and the collector is
+    on again; it is on again too whenever ``serve`` returns, SERVING or not.
+
     A SIGTERM or SIGINT before the broker's own handlers exist is only noted (raising from a
     signal handler could land inside the event loop, which would swallow it): after the imports
     it ends the start here, and once the broker runs, the broker acts on it as on its own."""
+    gc.disable()
+    try:
+        return _serve(args)
+    finally:
+        gc.enable()
+
+
+def _serve(args: argparse.Namespace) -> int:
     from proxy import child as child_process
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
@@ -235,7 +226,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("event loop: %s", loop_name)
         try:
             broker = Broker(config, files=files, child=child, early_signals=early_signals, subreaper=subreaper)
-            return eventloop.run(broker.run(), new_loop)
+            return eventloop.run(_run_broker(broker), new_loop)
         except ConfigError as exc:
             return refuse(str(exc), 2)
         except StartError as exc:
@@ -251,6 +242,24 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)
         if child is not None:
             child_process.kill(child)  # a no-op when the broker stopped it (always, but for a crash)
+
+
+async def _run_broker(broker: Broker) -> int:
+    """``broker.run()``, with the garbage collector settled once the broker is ready."""
+    import asyncio
+
+    settle = asyncio.ensure_future(_settle_gc(broker.ready))
+    try:
+        return await broker.run()
+    finally:
+        settle.cancel()
+
+
+async def _settle_gc(ready: asyncio.Event) -> None:
+    """Once ``ready``: what the start created leaves the collector's sight, and it runs again."""
+    await ready.wait()
+    gc.freeze()
+    gc.enable()
 
 
 def _tune_malloc() -> None:

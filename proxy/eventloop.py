@@ -10,9 +10,11 @@ difference handled where it arises (uvloop keeps SIGCHLD for itself: the orphan 
 uses a plain signal handler, see proxy.broker)."""
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # `serve` asks for its choice before the spawn, where asyncio is not loaded yet
+    import asyncio
 
 EVENT_LOOP_ENV = "CODEX_BROKER_EVENT_LOOP"
 AUTO, UVLOOP, ASYNCIO = "auto", "uvloop", "asyncio"
@@ -25,7 +27,7 @@ class EventLoopError(Exception):
     """An event loop that cannot be had (a bad name, or uvloop asked for and missing)."""
 
 
-def choice(flag: str | None, environ: dict[str, str] | Any) -> str:
+def choice(flag: str | None, environ: Mapping[str, str]) -> str:
     """The loop asked for: the flag, else the variable, else auto. EventLoopError for a name
     that is none of CHOICES."""
     value = flag if flag else (environ.get(EVENT_LOOP_ENV) or AUTO)
@@ -38,6 +40,8 @@ def choice(flag: str | None, environ: dict[str, str] | Any) -> str:
 
 def factory(asked: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
     """(the loop's name with its version, a factory of new loops) for ``asked``."""
+    import asyncio
+
     if asked != ASYNCIO:
         try:
             import uvloop
@@ -51,5 +55,7 @@ def factory(asked: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
 
 def run(main: Coroutine[Any, Any, T], loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> T:
     """``asyncio.run`` on a loop from ``loop_factory``."""
+    import asyncio
+
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main)

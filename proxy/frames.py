@@ -22,7 +22,16 @@ def _header(length: int) -> bytes:
     return bytes(out)
 
 
-_HEADERS = [_header(n) for n in range(1 << 14)]  # one or two varint bytes: nearly every message
+def _headers() -> list[bytes]:
+    """``_header(n)`` for every n below 2**14 (one or two varint bytes: nearly every message),
+    built from 128 low and 128 high bytes: a loop per header would cost milliseconds of the
+    broker's start."""
+    lows = [bytes((_TAG, low | 0x80)) for low in range(0x80)]
+    highs = [bytes((high,)) for high in range(1, 0x80)]
+    return [bytes((_TAG, n)) for n in range(0x80)] + [low + high for high in highs for low in lows]
+
+
+_HEADERS = _headers()
 
 
 def encode_frame(messages: Sequence[bytes]) -> bytes:

@@ -17,7 +17,12 @@ the bench (``from tests.harness import ...`` from the project root; ``from harne
   how the stream ended, frame and message counters, an optional read delay (a slow reader).
   A transport provides ``_write_text``, ``_read_batch``, ``_cancel`` and ``done_writing``.
 - ``SessionClient``: that client over one grpc.aio ``AppServer.Session``; ``LinesSession``: the
-  same over JSON lines on a byte stream (pipes, a unix socket).
+  same over JSON lines on a byte stream (pipes, a unix socket), with raw bytes (``send_bytes``)
+  and half-close (``done_writing``); ``JsonlSession``: a LinesSession on one connection to the
+  broker's JSONL front end (``await JsonlSession.connect(path)``, a broker started with
+  ``jsonl_flags(path)``) that holds the broker to its framing (every line a JSON object ending in
+  a newline, kept in ``lines``) and says how the broker ended the connection (``code``
+  "closed" or "reset"). ``connect_only`` is the companion's readiness check on that socket.
 
 Tests are plain ``def test_x(): run(main())`` functions (no pytest-asyncio).
 """
@@ -32,6 +37,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +46,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 import psutil
@@ -58,6 +64,9 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_mess
 READY_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 2), ("grpc.max_reconnect_backoff_ms", 10)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+EndCode = TypeVar("EndCode")  # how a transport says the stream ended: gRPC's StatusCode, a str
+JSONL_NAME = "broker.sock"  # as the companion names its socket in its own directory
+JSONL_READ_LIMIT = 1 << 28  # the longest line a JsonlSession reads: 256 MiB
 
 
 # -- small facts ----------------------------------------------------------------------------
@@ -389,7 +398,7 @@ def is_response_to(msg: Any, req_id: Any) -> bool:
         and type(msg.get("id")) is type(req_id)
 
 
-class SessionClientBase:
+class SessionClientBase(Generic[EndCode]):
     """One JSON-RPC Session, whatever carries it: send JSON dicts or raw text, read messages.
 
     A reader task receives every batch of messages (a frame) and records each one (parsed with
@@ -409,7 +418,7 @@ class SessionClientBase:
         self.record = record
         self.read_delay = read_delay
         self.on_message = on_message
-        self.code: grpc.StatusCode | None = None
+        self.code: EndCode | None = None
         self.details: str | None = None
         self._cursor = 0
         self._ids = itertools.count(1)
@@ -575,7 +584,7 @@ class SessionClientBase:
             return await asyncio.wait_for(request, timeout)
         return await self.wait_message(lambda m: is_response_to(m, request), timeout)
 
-    async def wait_end(self, timeout: float | None = WAIT) -> grpc.StatusCode | None:
+    async def wait_end(self, timeout: float | None = WAIT) -> EndCode | None:
         """Waits for the stream to end (None: however long it takes); returns its status code."""
         try:
             await asyncio.wait_for(self._ended.wait(), timeout)
@@ -590,14 +599,14 @@ class SessionClientBase:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def __aenter__(self) -> SessionClientBase:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
-class SessionClient(SessionClientBase):
+class SessionClient(SessionClientBase[grpc.StatusCode]):
     """The Session client over one grpc.aio ``AppServer.Session`` (``call`` is the RPC)."""
 
     def __init__(self, channel: grpc.aio.Channel, **kw: Any):
@@ -627,18 +636,23 @@ class SessionClient(SessionClientBase):
         await self.call.done_writing()
 
 
-class LinesSession(SessionClientBase):
+class LinesSession(SessionClientBase[str]):
     """The Session client over JSON lines on a byte stream (a subprocess's pipes, a unix
     socket: ``LinesSession(*await asyncio.open_unix_connection(path))``). One line is one
-    message and one batch; the end of the stream leaves ``code`` None."""
+    message and one batch; blank lines are skipped; the end of the stream leaves ``code`` None.
+    ``send_bytes`` writes bytes as they are (any framing, or none); a str is sent as UTF-8 with
+    its lone surrogates kept (``surrogatepass``), so a test can send what JSON cannot."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any):
         self._in, self._out = reader, writer
         super().__init__(**kw)
 
-    async def _write_text(self, text: str) -> None:
-        self._out.write(text.encode() + b"\n")
+    async def send_bytes(self, data: bytes) -> None:
+        self._out.write(data)
         await self._out.drain()
+
+    async def _write_text(self, text: str) -> None:
+        await self.send_bytes(text.encode("utf-8", "surrogatepass") + b"\n")
 
     async def _read_batch(self) -> Sequence[str] | None:
         while line := await self._in.readline():
@@ -653,7 +667,72 @@ class LinesSession(SessionClientBase):
             self._reader.cancel()
 
     async def done_writing(self) -> None:
-        self._out.write_eof()
+        """Half-closes the stream (the companion's ``end()``); reading goes on."""
+        if self._out.can_write_eof():
+            self._out.write_eof()
+
+    async def close(self) -> None:
+        """Closes our end (and waits until it is closed), then stops the reader."""
+        self._out.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._out.wait_closed()
+        await super().close()
+
+
+class JsonlSession(LinesSession):
+    """A LinesSession on one connection to the broker's JSONL front end, holding the broker to
+    its framing: every line it writes ends with a newline and is one JSON object (a blank line,
+    a last line cut short or anything else fails the reader, and ``close`` raises it); each
+    line is kept as written, without its newline, in ``lines``. ``code`` is "closed" once the
+    broker closed the connection, "reset" (``details`` says why) if the connection failed."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any):
+        self.lines: list[bytes] = []
+        super().__init__(reader, writer, **kw)
+
+    @classmethod
+    async def connect(cls, path: str, **kw: Any) -> Self:
+        """One connection to the JSONL socket at ``path`` (one Session of the broker)."""
+        return cls(*await asyncio.open_unix_connection(path, limit=JSONL_READ_LIMIT), **kw)
+
+    async def _read_batch(self) -> Sequence[str] | None:
+        try:
+            line = await self._in.readline()
+        except (ConnectionError, OSError) as exc:
+            self.code, self.details = "reset", repr(exc)
+            return None
+        if not line:
+            self.code = "closed"
+            return None
+        assert line.endswith(b"\n"), f"a last line without its newline: {line[:200]!r}"
+        self.lines.append(line[:-1])
+        return [line[:-1].decode()]
+
+    def _deliver(self, text: str, msg: Any) -> None:
+        assert isinstance(msg, dict), text[:200]
+        super()._deliver(text, msg)
+
+
+def jsonl_flags(path: str) -> list[str]:
+    """The serve flags for a JSONL front end at ``path``."""
+    return ["--jsonl-endpoint", f"unix:{path}"]
+
+
+def jsonl_path(directory: str) -> str:
+    return os.path.join(directory, JSONL_NAME)
+
+
+def connect_only(path: str, timeout: float = 5.0) -> bytes:
+    """The companion's readiness check: connect, half-close at once, wait for the broker to
+    close; returns what the broker wrote (nothing, for a well-behaved broker)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
 
 
 # -- status and message helpers ---------------------------------------------------------------

@@ -13,3 +13,12 @@ def test_encoded_frames_parse_as_server_frames_for_every_length_class():
 
 def test_an_empty_batch_is_an_empty_frame():
     assert broker_pb2.ServerFrame.FromString(encode_frame([])).messages == []
+
+
+def test_every_precomputed_length_prefix_is_the_varint_protobuf_writes():
+    from proxy.frames import _HEADERS, _header
+
+    assert len(_HEADERS) == 1 << 14
+    assert _HEADERS == [_header(n) for n in range(1 << 14)]
+    for n in (0, 1, 127, 128, 129, 255, 256, 1000, 8191, 8192, 16383):
+        assert encode_frame([b"x" * n]) == broker_pb2.ServerFrame(messages=["x" * n]).SerializeToString()

@@ -14,9 +14,13 @@ import stat
 import pytest
 from harness import (
     WAIT,
+    JsonlSession,
     SessionClient,
     aio_channel,
+    connect_only,
     fake_command,
+    jsonl_flags,
+    jsonl_path,
     new_marker,
     run,
     run_serve,
@@ -25,7 +29,6 @@ from harness import (
     status_until,
     wait_for,
 )
-from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
 
 from protos import broker_pb2
 
@@ -50,7 +53,7 @@ def test_jsonl_session_initializes_from_the_cache_and_runs_a_turn(jb):
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             reply = await c.initialize()
             assert "userAgent" in reply["result"]
             thread = await c.start_thread()
@@ -66,7 +69,7 @@ def test_crlf_lines_are_read_and_blank_lines_ignored(jb):
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.send_bytes(b"\n\r\n   \n\t\r\n")
             await c.send_bytes(b'{"id": 7, "method": "fake/echo", "params": {"x": 1}}\r\n')
             await c.send_bytes(b'\n{"id": 8, "method": "fake/echo", "params": {"y": 2}}\n\n')
@@ -85,7 +88,7 @@ def test_bad_line_gets_one_error_with_null_id_and_the_connection_stays_open(jb, 
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.send_bytes(text + b"\n")
             error = await c.next()
             assert error["id"] is None and error["error"]["code"] == code, error
@@ -99,7 +102,7 @@ def test_line_over_64_mib_is_skipped_with_one_invalid_request_and_the_connection
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             big = b'{"id": 1, "method": "fake/echo", "params": {"s": "' + b"x" * (64 << 20) + b'"}}\n'
             await c.send_bytes(big)
             await c.send_bytes(b'{"id": 2, "method": "fake/echo", "params": {"after": true}}\n')
@@ -134,7 +137,7 @@ def test_connect_and_close_at_once_is_harmless(jb):
     assert st.state == broker_pb2.BROKER_STATE_SERVING and st.open_sessions == 0
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.initialize()
             assert await c.result("fake/echo", {"n": 1}) == {"params": {"n": 1}}
 
@@ -145,7 +148,7 @@ def test_half_close_with_a_turn_running_closes_the_connection_at_once_and_the_tu
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c, aio_channel(b) as channel:
+        async with await JsonlSession.connect(path) as c, aio_channel(b) as channel:
             await c.initialize()
             thread = await c.start_thread()
             turn = await c.start_turn(thread, "deltas=5 seconds=300")
@@ -189,13 +192,13 @@ def test_broker_shutdown_is_answered_at_once_and_drains_turns_complete_then_exit
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as worker, await JsonlClient.open(path) as other, \
+        async with await JsonlSession.connect(path) as worker, await JsonlSession.connect(path) as other, \
                 aio_channel(b) as channel:
             await worker.initialize()
             await other.initialize()
             thread = await worker.start_thread()
             turn = await worker.start_turn(thread, "deltas=20 seconds=2")
-            async with await JsonlClient.open(path) as stopper:
+            async with await JsonlSession.connect(path) as stopper:
                 reply = await stopper.request("broker/shutdown", {}, id=1)
                 assert reply == {"id": 1, "result": {}}
             st = await status(channel)
@@ -223,7 +226,7 @@ def test_grpc_new_work_while_draining_keeps_32600_while_jsonl_gets_32001(jb):
     b, path = jb()
 
     async def main():
-        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlClient.open(path) as j:
+        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlSession.connect(path) as j:
             await g.initialize()
             await j.initialize()
             thread = await g.start_thread()
@@ -242,7 +245,7 @@ def test_broker_shutdown_never_shortens_a_drain_under_way(jb):
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c, aio_channel(b) as channel:
+        async with await JsonlSession.connect(path) as c, aio_channel(b) as channel:
             await c.initialize()
             thread = await c.start_thread()
             await c.start_turn(thread, "deltas=5 seconds=300")
@@ -259,7 +262,7 @@ def test_any_drain_closes_the_jsonl_listener_while_grpc_still_reports_draining(j
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.initialize()
             thread = await c.start_thread()
             await c.start_turn(thread, "deltas=5 seconds=300")  # holds the drain open
@@ -278,7 +281,7 @@ def test_status_counts_jsonl_sessions_and_names_each_sessions_transport(jb):
     b, path = jb()
 
     async def main():
-        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlClient.open(path) as j:
+        async with aio_channel(b) as channel, SessionClient(channel) as g, await JsonlSession.connect(path) as j:
             await g.initialize(name="grpc-client")
             await j.initialize(name="jsonl-client", opt_out=["item/agentMessage/delta"])
             st = await status(channel)
@@ -324,7 +327,7 @@ def test_a_stale_jsonl_socket_is_replaced(broker):
         broker(*jsonl_flags(path))
 
         async def main():
-            async with await JsonlClient.open(path) as c:
+            async with await JsonlSession.connect(path) as c:
                 await c.initialize()
                 assert await c.result("fake/echo", {"fresh": True}) == {"params": {"fresh": True}}
 
@@ -337,7 +340,7 @@ def test_app_server_exit_answers_pending_work_ends_jsonl_sessions_with_one_line_
     b, path = jb()
 
     async def main():
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.initialize()
             slow = await c.send_request("fake/slow", {"seconds": 300})
             await c.send({"id": "bye", "method": "fake/exit", "params": {"code": 3}})

@@ -16,8 +16,20 @@ import sys
 import time
 
 import psutil
-from harness import ROOT, WAIT, fake_command, new_marker, processes_with, run, short_dir, wait_gone
-from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
+from harness import (
+    ROOT,
+    WAIT,
+    JsonlSession,
+    connect_only,
+    fake_command,
+    jsonl_flags,
+    jsonl_path,
+    new_marker,
+    processes_with,
+    run,
+    short_dir,
+    wait_gone,
+)
 
 READY_WITHIN = 20.0  # the companion waits 2 s; a loaded test machine gets longer
 
@@ -83,7 +95,7 @@ async def companion_task(path: str, text: str, running: asyncio.Event | None = N
     """What one companion command does: initialize (id 1), initialized, thread/start (2),
     turn/start (3), wait for turn/completed, close (half-close, then wait for the broker's).
     ``running`` is set once the turn has started."""
-    c = await JsonlClient.open(path)
+    c = await JsonlSession.connect(path)
     init = await c.request("initialize", {"clientInfo": {"name": "companion-like", "version": "0"},
                                           "capabilities": {"experimentalApi": True}}, id=1)
     assert isinstance(init["result"], dict)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jsonl_support import JsonlClient
+from harness import JsonlSession
 from lifecycle_support import World, world_for
 
 from lifecycle.state import BrokerRecord
@@ -34,7 +34,7 @@ def test_ensure_json_and_the_record_name_a_jsonl_socket_beside_the_grpc_one_that
     assert os.path.dirname(contract.parse_unix_endpoint(record.endpoint)) == os.path.dirname(path)
 
     async def main() -> None:
-        async with await JsonlClient.open(path) as c:
+        async with await JsonlSession.connect(path) as c:
             await c.initialize()
             assert await c.result("fake/echo", {"via": "jsonl"}) == {"params": {"via": "jsonl"}}
 

@@ -10,8 +10,20 @@ import urllib.error
 import urllib.request
 
 import grpc
-from harness import SessionClient, aio_channel, fake_command, new_marker, run, run_serve, short_dir, wait_for
-from jsonl_support import JsonlClient, connect_only, jsonl_flags, jsonl_path
+from harness import (
+    JsonlSession,
+    SessionClient,
+    aio_channel,
+    connect_only,
+    fake_command,
+    jsonl_flags,
+    jsonl_path,
+    new_marker,
+    run,
+    run_serve,
+    short_dir,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos import broker_pb2, broker_pb2_grpc
@@ -60,7 +72,7 @@ def test_metrics_count_sessions_requests_turns_checks_and_messages_of_known_work
             again = await s.request("initialize", {"clientInfo": {"name": "t", "version": "0"}})
             assert "error" in again
             assert connect_only(path) == b"" and connect_only(path) == b""  # the companion's checks
-            j = await JsonlClient.open(path)
+            j = await JsonlSession.connect(path)
             await j.initialize()  # 2 messages
             samples = scrape(url)
             await j.close()

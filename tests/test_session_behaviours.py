@@ -13,8 +13,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from harness import WAIT, SessionClient, aio_channel, notifications, run, short_dir
-from jsonl_support import JsonlClient, jsonl_flags, jsonl_path
+from harness import (
+    WAIT,
+    JsonlSession,
+    SessionClient,
+    aio_channel,
+    jsonl_flags,
+    jsonl_path,
+    notifications,
+    run,
+    short_dir,
+)
 
 from protos import broker_pb2, broker_pb2_grpc
 
@@ -39,7 +48,7 @@ class Served:
     async def client(self, kind: str | None = None) -> AsyncIterator[Any]:
         kind = kind or self.transport
         if kind == "jsonl":
-            async with await JsonlClient.open(self.path) as c:
+            async with await JsonlSession.connect(self.path) as c:
                 yield c
         else:
             async with aio_channel(self.b) as channel, SessionClient(channel) as c:

@@ -87,6 +87,7 @@ def _plain_item(method: str, msg: dict[str, Any]) -> bool:
     params = msg.get("params")
     item = params.get("item") if type(params) is dict else None
     return type(item) is dict and item.get("type") != "collabAgentToolCall"
+_RESPONSE_START = b'{"id":'  # how codex begins a response (the unary fast path's splice point)
 STDIN_BUFFER_LIMIT = 64 << 20  # bytes queued for the app-server before requests are refused
 # An app-server line this big is routed from its envelope (jsonrpc) rather than decoded whole;
 # a client message this big is routed in a turn of the loop after the one that read it.
@@ -627,9 +628,13 @@ class Hub:
         counts = self.counts
         counts.lines_from_app_server += len(lines)
         counts.bytes_from_app_server += sum(map(len, lines))
-        if len(lines) == 1 and len(lines[0]) >= LARGE_LINE:  # a line only comes alone that big
-            self._route_envelope(lines[0])
-            return
+        if len(lines) == 1:
+            line = lines[0]
+            if len(line) >= LARGE_LINE:  # a line only comes alone that big
+                self._route_envelope(line)
+                return
+            if line.startswith(_RESPONSE_START) and line.endswith(b"}") and self._session_answer(line):
+                return
         loads = _orjson_loads
         threads = self.threads
         run_session: Session | None = None
@@ -668,6 +673,43 @@ class Hub:
             self._route(line, msg)
         if run:
             run_session.push_many(run)  # type: ignore[union-attr]
+
+    def _session_answer(self, line: bytes) -> bool:
+        """The unary fast path: a small response that begins with its id (``{"id":N,``, as
+        codex writes them) to a Session's request that starts no turn is relayed as the
+        app-server wrote it but for the id, the client's own spliced in, and written before
+        anything is recorded (the JSONL front end writes at once). False, with nothing done,
+        for anything else: ``_route`` takes it."""
+        comma = line.find(b",", 6, 28)
+        digits = line[6:comma]
+        if comma < 0 or not digits.isdigit():
+            return False
+        proxy_id = int(digits)
+        pending = self.pending.get(proxy_id)
+        if pending is None or pending.kind != SESSION or pending.method in jsonrpc.TURN_STARTING_METHODS:
+            return False
+        try:
+            msg = _orjson_loads(line)
+        except ValueError:
+            return False
+        if type(msg) is not dict or msg.get("id") != proxy_id or "method" in msg or ("result" in msg) == ("error" in msg):
+            return False
+        session = pending.session
+        assert session is not None and pending.client_id is not None
+        if session.open:
+            session.push(b"".join((_RESPONSE_START, pending.client_id, line[comma:])))
+        self.last_response = time.monotonic()
+        del self.pending[proxy_id]
+        self._pending_work -= 1
+        if pending.counted:
+            self._count(SESSION, pending.method, ERROR if "error" in msg else OK)
+        session.pending.discard(proxy_id)
+        if "result" in msg:
+            for thread_id in jsonrpc.thread_ids_in_result(msg["result"]):
+                self._subscribe(session, thread_id)
+        self._maybe_finish(session)
+        self._on_change()
+        return True
 
     def from_app_server(self, line: bytes) -> None:
         """A line orjson did not decode: routed from its envelope, or skipped as bad."""

@@ -267,7 +267,10 @@ def _too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON text nests deeper than ``limit``, without recursion. Nearly every message
     has at most ``limit`` brackets in all, which a few memchr scans tell; otherwise strings are
     dropped and the running depth of the brackets is followed in C."""
-    if not _more_than(data, (b"[", b"{"), limit):
+    if len(data) < 1 << 16:  # a small message: two counts in C say it (strings' brackets count too)
+        if data.count(b"{") + data.count(b"[") <= limit:
+            return False
+    elif not _more_than(data, (b"[", b"{"), limit):
         return False
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0) > limit

@@ -692,7 +692,8 @@ class Hub:
             msg = _orjson_loads(line)
         except ValueError:
             return False
-        if type(msg) is not dict or msg.get("id") != proxy_id or "method" in msg or ("result" in msg) == ("error" in msg):
+        if (type(msg) is not dict or msg.get("id") != proxy_id or "method" in msg
+                or ("result" in msg) == ("error" in msg)):
             return False
         session = pending.session
         assert session is not None and pending.client_id is not None

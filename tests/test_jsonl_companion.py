@@ -16,6 +16,7 @@ import sys
 import time
 
 import psutil
+import pytest
 from harness import (
     ROOT,
     WAIT,
@@ -37,14 +38,14 @@ READY_WITHIN = 20.0  # the companion waits 2 s; a loaded test machine gets longe
 class CompanionBroker:
     """A broker spawned detached (its own process group) with its output in a log file."""
 
-    def __init__(self) -> None:
+    def __init__(self, *flags: str) -> None:
         self.dir = short_dir()  # the companion's mkdtemp
         self.path = jsonl_path(self.dir)
         self.marker = new_marker()
         self.log = os.path.join(self.dir, "broker.log")
         argv = [sys.executable, "-m", "proxy", "serve", "--endpoint", f"unix:{self.dir}/g/s.sock",
                 *jsonl_flags(self.path), "--pid-file", os.path.join(self.dir, "broker.pid"),
-                "--app-server", fake_command(marker=self.marker)]
+                "--app-server", fake_command(marker=self.marker), *flags]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          start_new_session=True)
@@ -112,8 +113,13 @@ async def companion_task(path: str, text: str, running: asyncio.Event | None = N
     return completed
 
 
-def test_companion_like_client_runs_a_turn_then_shutdown_and_sigterm_stop_the_broker_cleanly():
-    b = CompanionBroker()
+# The end of a broker's life is where the event loops differ most (signal handlers): both are run.
+LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+
+
+@LOOPS
+def test_companion_like_client_runs_a_turn_then_shutdown_and_sigterm_stop_the_broker_cleanly(loop):
+    b = CompanionBroker("--event-loop", loop)
     try:
         b.wait_ready()
         completed = run(companion_task(b.path, "deltas=10"))
@@ -128,8 +134,9 @@ def test_companion_like_client_runs_a_turn_then_shutdown_and_sigterm_stop_the_br
         b.cleanup()
 
 
-def test_two_sessions_ending_together_do_not_kill_a_third_ones_running_turn():
-    b = CompanionBroker()
+@LOOPS
+def test_two_sessions_ending_together_do_not_kill_a_third_ones_running_turn(loop):
+    b = CompanionBroker("--event-loop", loop)
     try:
         b.wait_ready()
 

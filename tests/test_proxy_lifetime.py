@@ -163,8 +163,9 @@ def test_a_setsid_descendant_of_the_app_server_does_not_outlive_the_broker(broke
     assert "stopping the descendants left behind (1)" in b.log()
 
 
-def test_an_orphaned_descendant_is_adopted_and_reaped_while_the_broker_runs(broker):
-    b = broker()
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])  # uvloop keeps SIGCHLD: a plain handler then
+def test_an_orphaned_descendant_is_adopted_and_reaped_while_the_broker_runs(broker, loop):
+    b = broker("--event-loop", loop)
     reply = b.call("fake/spawn", {"seconds": 5, "orphan": True})
     pid = json.loads(reply.result_json)["pid"]
     assert psutil.Process(pid).ppid() == b.pid  # the broker is its subreaper

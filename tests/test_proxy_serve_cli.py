@@ -133,10 +133,11 @@ def test_app_server_refusing_initialize_is_exit_1_with_the_error(base):
     assert not processes_with(marker)
 
 
-def test_app_server_exiting_before_initialize_is_exit_1_with_its_status_and_stderr(base):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])  # uvloop refused the write to the closed pipe
+def test_app_server_exiting_before_initialize_is_exit_1_with_its_status_and_stderr(base, loop):
     sock_dir = os.path.join(base, "d")
     command = shlex.join([sys.executable, "-c", "import sys; sys.stderr.write('no config here\\n'); sys.exit(5)"])
-    result = run_serve("--endpoint", f"unix:{sock_dir}/s.sock", "--app-server", command)
+    result = run_serve("--endpoint", f"unix:{sock_dir}/s.sock", "--app-server", command, "--event-loop", loop)
     assert result.returncode == 1, result.stderr
     (line,) = [ln for ln in error_lines(result.stderr) if not ln.startswith("app-server: ")]
     assert "exited with status 5" in line and "no config here" in line

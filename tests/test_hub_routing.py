@@ -8,6 +8,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from protos import broker_pb2
 from proxy import jsonrpc
 from proxy.hub import Hub
@@ -185,3 +187,67 @@ def test_an_answer_that_fails_to_encode_settles_the_server_request_with_a_declin
     assert h.sent[-1] == {"id": 41, "error": {"code": -32000, "message": (
         "the client's answer could not be relayed: it could not be encoded (cannot encode this answer)")}}
     assert not h.hub.server_requests and not s.server_requests
+
+
+# -- answers: the unary fast path (a response that begins with its id) and the general one --------
+NUMBER = "1.0000000000000000000000001e-400"  # no float holds it: its text must pass as written
+
+
+def answer_layouts(proxy_id: int) -> list[bytes]:
+    """One answer, as codex writes it (id first, compact) and as other writers could."""
+    result = '{"thread":{"id":"thr-new"},"n":' + NUMBER + '}'
+    return [b'{"id":%d,"result":%s}' % (proxy_id, result.encode()),
+            b'{"result":%s,"id":%d}' % (result.encode(), proxy_id),
+            b'{"id": %d, "result": %s}' % (proxy_id, result.encode()),
+            b'{"id":%d,"result":%s} ' % (proxy_id, result.encode())]
+
+
+@pytest.mark.parametrize("layout", range(4))
+@pytest.mark.parametrize("client_id", ['"req-\\u00e9"', "9007199254740993"])
+def test_an_answer_reaches_its_session_under_the_clients_own_id_text_with_its_values_exact(layout, client_id):
+    h = Harness()
+    session = h.hub.open_session()
+    h.hub.route_line(session, b'{"id":%s,"method":"thread/start","params":{}}' % client_id.encode())
+    proxy_id = h.sent[-1]["id"]
+    h.hub.from_app_server_lines([answer_layouts(proxy_id)[layout]])
+    (relayed,) = session.take_batch()
+    assert relayed.startswith(b'{"id":' + client_id.encode() + b",") or relayed.endswith(
+        b',"id":' + client_id.encode() + b"}")
+    assert NUMBER.encode() in relayed and b"\n" not in relayed
+    assert json.loads(relayed)["result"]["thread"] == {"id": "thr-new"}
+    assert h.hub.pending_work == 0 and not session.pending
+    # The result handed the Session a thread: it follows it now.
+    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-new", delta="x")])
+    assert json.loads(session.take_batch()[0])["params"]["delta"] == "x"
+
+
+def test_an_error_answer_in_codexs_layout_is_relayed_and_counted_as_an_error():
+    h = Harness()
+    session = h.hub.open_session()
+    h.hub.route_line(session, b'{"id":5,"method":"account/read","params":{}}')
+    proxy_id = h.sent[-1]["id"]
+    h.hub.from_app_server_lines([b'{"id":%d,"error":{"code":-32603,"message":"no"}}' % proxy_id])
+    assert session.take_batch() == [b'{"id":5,"error":{"code":-32603,"message":"no"}}']
+    assert h.hub.counts.requests[("session", "account/read", "error")] == 1
+
+
+def test_a_turn_starting_answer_in_codexs_layout_still_begins_the_turn():
+    h = Harness()
+    session = h.session_on("thr-a")
+    h.from_client(session, {"id": 3, "method": "turn/start", "params": {"threadId": "thr-a", "input": []}})
+    proxy_id = h.sent[-1]["id"]
+    h.hub.from_app_server_lines([b'{"id":%d,"result":{"turn":{"id":"t9","status":"inProgress"}}}' % proxy_id])
+    assert ("thr-a", "t9") in h.hub.turns and session.turns == {("thr-a", "t9")}
+    assert drain(session) == [{"id": 3, "result": {"turn": {"id": "t9", "status": "inProgress"}}}]
+
+
+def test_an_answer_to_a_session_that_half_closed_ends_it_once_its_work_is_done():
+    h = Harness()
+    session = h.hub.open_session()
+    h.hub.route_line(session, b'{"id":1,"method":"account/read","params":{}}')
+    proxy_id = h.sent[-1]["id"]
+    h.hub.half_close(session)
+    assert session.open
+    h.hub.from_app_server_lines([b'{"id":%d,"result":{}}' % proxy_id])
+    assert session.take_batch() == [b'{"id":1,"result":{}}']
+    assert session.ending is not None and session.ending.reason is EndReason.OK

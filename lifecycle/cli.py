@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RPC, EXIT_NOT_SERVING = 0, 1, 2, 3, 4
+FORCED_STOP_MARGIN = 3.0  # seconds `stop --force` waits beyond the broker's own forced stop before SIGKILL
 
 
 def _progress() -> Callable[[str], None] | None:
@@ -306,8 +307,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
         assert record is not None
         pid = record.pid
     elif args.force:
+        from proxy.contract import STOP_ESCALATION
+
         pid = proven.pid
-        if not _wait_exit(pid, proven.create_time, 5.0, "exit"):
+        # As long as the broker's own forced stop can take (a turn slow to acknowledge its
+        # interrupt is still reported to its client), then SIGKILL.
+        if not _wait_exit(pid, proven.create_time, STOP_ESCALATION + FORCED_STOP_MARGIN,
+                          "report its interrupted turns and exit"):
             _force_kill(record, proven)
     else:
         pid = proven.pid

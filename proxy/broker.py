@@ -57,9 +57,17 @@ from proxy import __version__, jsonrpc
 from proxy import child as child_process
 from proxy.appserver import AppServerProcess
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
+from proxy.contract import (  # noqa: F401 - the stop's timings, re-exported for tests
+    APP_STOP_WAITS,
+    FORCE_GRACE,
+    INTERRUPT_GRACE,
+    SESSION_FLUSH,
+    STOP_ESCALATION,
+    STOP_GRACE,
+)
 from proxy.health import HealthMonitor, health_reflection
 from proxy.hub import CALL, AppServerGone, Hub
-from proxy.reaper import TERM_GRACE, Reaper
+from proxy.reaper import Reaper
 from proxy.sdnotify import Notifier, status_text
 from proxy.service import AppServerService, BrokerService, add_app_server_service, status_message
 from proxy.session import Ending
@@ -70,19 +78,10 @@ if TYPE_CHECKING:  # loaded where they are used, only when the flags ask for the
 
 log = logging.getLogger("codex_broker.proxy")
 
-INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their turn/completed
-FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
-SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
-STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC cancels them
 MAX_DRAIN_DEADLINE = 86400.0  # a longer (or infinite) drain deadline is cut to this (one day)
 AGE_TICK = 30.0  # the max age is checked at least this often (the clocks may disagree)
 WEDGE_TICK = 0.5  # how often a wedge's length is checked against --exit-when-wedged
 NOTIFY_TICK = 1.0  # under systemd, STATUS= is refreshed (when it changed) this often
-APP_STOP_WAITS = 2.0 + 2.0 + 1.0  # the app-server's stop: stdin EOF, SIGTERM, its stdout closing
-# The longest a stop takes once the drain deadline has passed: the interrupted turns' grace, the
-# forced drain's grace, the Sessions' flush, the app-server's stop, the descendants' SIGTERM and
-# SIGKILL graces, gRPC's grace. A service manager's stop timeout covers drain deadline + this.
-STOP_ESCALATION = INTERRUPT_GRACE + FORCE_GRACE + SESSION_FLUSH + APP_STOP_WAITS + 2 * TERM_GRACE + STOP_GRACE
 S = broker_pb2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

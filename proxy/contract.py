@@ -273,6 +273,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"the previous one (default {DEFAULT_LOG_MAX_BYTES >> 20} MiB, at least {MIN_LOG_MAX_BYTES})")
 
 
+# -- how long a stop takes ----------------------------------------------------------------------
+# Once a broker is told to stop now (a forced drain, or its drain deadline passed), these bound
+# what it still does, in order; their sum is the longest it takes to exit after that. `stop
+# --force` waits that long (and a little) before SIGKILL, so that a turn slow to acknowledge its
+# interrupt is still reported to its client; the systemd unit's TimeoutStopSec covers it too.
+INTERRUPT_GRACE = 10.0  # after interrupting turns, how long to wait for their turn/completed
+FORCE_GRACE = 5.0  # a forced drain still lets pending responses arrive, this long
+SESSION_FLUSH = 1.0  # at stop, how long Sessions get to deliver what is buffered
+APP_STOP_WAITS = 2.0 + 2.0 + 1.0  # the app-server's stop: stdin EOF, SIGTERM, its stdout closing
+TERM_GRACE = 1.0  # after SIGTERM, how long the broker's other descendants get before SIGKILL
+STOP_GRACE = 1.0  # at stop, how long RPCs in flight get to finish before gRPC cancels them
+STOP_ESCALATION = INTERRUPT_GRACE + FORCE_GRACE + SESSION_FLUSH + APP_STOP_WAITS + 2 * TERM_GRACE + STOP_GRACE
+
 @dataclass(frozen=True)
 class ServeArgv:
     """What a serve argv says, as spawn wrote it and gc reads it back."""

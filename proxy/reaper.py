@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import psutil
 
+from proxy.contract import TERM_GRACE
+
 log = logging.getLogger("codex_broker.proxy")
 
-TERM_GRACE = 1.0  # after SIGTERM, how long descendants get before SIGKILL
 ROUNDS = 5  # grandchildren of a killed orphan are reparented to us: look again, this often at most
 
 

@@ -60,6 +60,8 @@ Turn switches: words in the turn's input text (turn/start input items' text)
               answering and emitting anything (the loop thread sleeps forever). It writes
               "fake app-server: hanging" to stderr first. SIGTERM/SIGINT still exit 0 at once.
   hang=2      as hang=1, but SIGTERM and SIGINT are ignored too (only SIGKILL ends it).
+  linger=S    once interrupted, the turn takes S more seconds before its turn/completed
+              ("interrupted"), as codex does while it winds a running tool call down.
   chunk=1     the turn/start response and ALL the turn's notifications (turn/started,
               item/started, deltas, item/completed, turn/completed) are written in ONE write
               call (one os.write when the pipe has room and nothing else is queued), to check
@@ -293,6 +295,8 @@ class Shape:
         self.subdeltas = int(m.group(1)) if m else 3
         self.subparent = re.search(r"\bsubparent=1\b", text) is not None
         self.subapprove = re.search(r"\bsubapprove=1\b", text) is not None
+        m = re.search(r"\blinger=(\d+(?:\.\d*)?)", text)
+        self.linger = float(m.group(1)) if m else 0.0
 
 
 def turn_text(params):
@@ -711,6 +715,8 @@ class FakeAppServer:
             if turn_id not in self.interrupted:
                 raise
             status = "interrupted"
+            if shape.linger:  # slow to acknowledge the interrupt (codex winding a tool call down)
+                await asyncio.sleep(shape.linger)
         finally:
             self.turns.pop(turn_id, None)
             self.interrupted.discard(turn_id)

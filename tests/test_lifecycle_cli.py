@@ -155,6 +155,23 @@ def test_stop_force_interrupts_the_turn_and_stops_at_once(world: World) -> None:
     assert world.record() is None
 
 
+def test_stop_force_lets_a_turn_slow_to_acknowledge_its_interrupt_be_reported_before_the_broker_exits(
+        world: World) -> None:
+    # The broker's forced stop waits up to its interrupt grace (10 s) for the interrupted turn's
+    # turn/completed; a `stop --force` that SIGKILLed it after 5 s lost that report.
+    broker = world.ensure()
+    proc = process(broker.pid)
+    turn = world.turn(broker.endpoint, "seconds=60 deltas=60 linger=7")
+    turn.wait_first_delta()
+
+    result = world.cli("stop", "--force", timeout=60)
+
+    assert result.returncode == 0, result
+    assert turn.result(timeout=30)["status"] == "interrupted"
+    assert wait_exit(proc, 0.5)
+    assert world.record() is None
+
+
 # -- call -------------------------------------------------------------------------------------
 def test_call_ensures_a_broker_and_prints_the_result_as_json(world: World) -> None:
     result = json.loads(ok(world.cli("call", "thread/loaded/list")))

@@ -37,6 +37,12 @@ requests are routed like any thread's, on the same hot path, and reach no other 
   own, and no turn running on it or on a thread above it (checked when a Session closes and when
   a turn completes on it or above it), so a long-lived broker does not grow.
 
+Fast paths, each equivalent to the general route (tests/test_hub_routing.py feeds both the
+same input): a chunk of a turn's notifications for one thread and its one Session is read in
+one C pass and queued whole (``_stream_batch``); a small answer that begins with its id, to a
+Session's request that starts no turn, is relayed with the client's id spliced in, written
+before the bookkeeping (``_session_answer``).
+
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
 per value, so a big message holds the loop briefly), then routed. Bad input
@@ -78,6 +84,21 @@ _TRACKED_NOTIFICATIONS = frozenset({"turn/started", "turn/completed"})  # they c
 # item/started or item/completed can link sub-agents (only a collabAgentToolCall item leaves it).
 _SLOW_NOTIFICATIONS = _TRACKED_NOTIFICATIONS | jsonrpc.LINEAGE_METHODS
 _ITEM_NOTIFICATIONS = frozenset({"item/started", "item/completed"})
+
+
+class _Params(msgspec.Struct):
+    threadId: str | None = None
+
+
+class _Note(msgspec.Struct):
+    """What the stream's fast path reads of a line: the rest is skipped (validated, not built)."""
+    method: str | None = None
+    params: _Params | None = None
+    id: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_NOTES = msgspec.json.Decoder(list[_Note])
+STREAM_BATCH = 8  # lines in a chunk from which the stream's fast path is tried
 
 
 def _plain_item(method: str, msg: dict[str, Any]) -> bool:
@@ -635,6 +656,8 @@ class Hub:
                 return
             if line.startswith(_RESPONSE_START) and line.endswith(b"}") and self._session_answer(line):
                 return
+        elif len(lines) >= STREAM_BATCH and self._stream_batch(lines):
+            return
         loads = _orjson_loads
         threads = self.threads
         run_session: Session | None = None
@@ -673,6 +696,44 @@ class Hub:
             self._route(line, msg)
         if run:
             run_session.push_many(run)  # type: ignore[union-attr]
+
+    def _stream_batch(self, lines: list[bytes]) -> bool:
+        """The stream's fast path: a chunk of lines that are all notifications of one thread,
+        none of which changes what the hub tracks, for the one Session that follows it (the
+        usual chunk of a turn's deltas) is queued whole, read in one C pass (the lines decoded
+        together as one JSON array, every value validated, only method, params.threadId and id
+        built; their UTF-8 checked in one pass too). False, with nothing done, for any other
+        chunk (a line that is not such a notification, not JSON, blank, for another thread or
+        Session): the line-by-line loop takes it."""
+        joined = b",".join(lines)
+        if not joined.isascii():
+            try:
+                joined.decode()
+            except UnicodeDecodeError:
+                return False
+        try:
+            notes = _NOTES.decode(b"[" + joined + b"]")
+        except msgspec.MsgspecError:
+            return False
+        if len(notes) != len(lines):  # a "line" that held two values ("1,2")
+            return False
+        methods = {note.method for note in notes}
+        if None in methods or not methods.isdisjoint(_SLOW_NOTIFICATIONS):
+            return False
+        if any(note.id is not msgspec.UNSET for note in notes):
+            return False
+        threads = {note.params.threadId if note.params is not None else None for note in notes}
+        if len(threads) != 1:
+            return False
+        (thread_id,) = threads
+        subscribers = self.threads.get(thread_id) if thread_id else None
+        if subscribers is None or len(subscribers) != 1:
+            return False
+        (session,) = subscribers
+        if session.opt_out and not session.opt_out.isdisjoint(methods):
+            return False
+        session.push_many(lines)
+        return True
 
     def _session_answer(self, line: bytes) -> bool:
         """The unary fast path: a small response that begins with its id (``{"id":N,``, as

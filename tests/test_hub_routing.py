@@ -5,6 +5,7 @@ No processes here: the app-server's side is the ``send`` callback and lines fed 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -251,3 +252,61 @@ def test_an_answer_to_a_session_that_half_closed_ends_it_once_its_work_is_done()
     h.hub.from_app_server_lines([b'{"id":%d,"result":{}}' % proxy_id])
     assert session.take_batch() == [b'{"id":1,"result":{}}']
     assert session.ending is not None and session.ending.reason is EndReason.OK
+
+
+# -- a turn's chunk of notifications: queued whole, or line by line, with the same result -----------
+def _delta(thread_id: str, i: int, **extra: Any) -> bytes:
+    return note("item/agentMessage/delta", thread_id, turnId="t1", itemId="m1", delta=f"w{i} ", **extra)
+
+
+CHUNKS: dict[str, list[bytes]] = {
+    "all deltas of one thread": [_delta("thr-a", i) for i in range(12)],
+    "non-ASCII deltas": [_delta("thr-a", i, text="é—😀") for i in range(12)],
+    "a line not UTF-8": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-a", 6).replace(b"w6 ", b"w6 \xff"),
+                         *(_delta("thr-a", i) for i in range(7, 12))],
+    "a line not JSON": [*(_delta("thr-a", i) for i in range(6)), b"{not json",
+                        *(_delta("thr-a", i) for i in range(7, 12))],
+    "a blank line": [*(_delta("thr-a", i) for i in range(6)), b"", *(_delta("thr-a", i) for i in range(7, 12))],
+    "two values on one line": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-a", 6) + b"," + _delta("thr-a", 7),
+                               *(_delta("thr-a", i) for i in range(8, 12))],
+    "another thread's delta": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-b", 6),
+                               *(_delta("thr-a", i) for i in range(7, 12))],
+    "a turn's end among them": [*(_delta("thr-a", i) for i in range(6)),
+                                note("turn/completed", "thr-a", turn={"id": "t1", "status": "completed"}),
+                                *(_delta("thr-a", i) for i in range(7, 12))],
+    "a server request among them": [*(_delta("thr-a", i) for i in range(6)),
+                                    line({"id": 70, "method": "item/commandExecution/requestApproval",
+                                          "params": {"threadId": "thr-a", "turnId": "t1", "itemId": "c1"}}),
+                                    *(_delta("thr-a", i) for i in range(7, 12))],
+    "an item that is not an object's params": [*(_delta("thr-a", i) for i in range(6)),
+                                               line({"method": "item/agentMessage/delta", "params": [1, 2]}),
+                                               *(_delta("thr-a", i) for i in range(7, 12))],
+    "a threadId that is not a string": [*(_delta("thr-a", i) for i in range(6)),
+                                        line({"method": "item/agentMessage/delta", "params": {"threadId": 7}}),
+                                        *(_delta("thr-a", i) for i in range(7, 12))],
+    "no thread at all (to everyone)": [line({"method": "account/updated", "params": {"n": i}}) for i in range(12)],
+    "a thread nobody follows": [_delta("thr-z", i) for i in range(12)],
+}
+
+
+def _world(followers: int, opt_out: bool) -> tuple[Harness, list[Session]]:
+    h = Harness()
+    sessions = [h.session_on("thr-a") for _ in range(followers)] + [h.session_on("thr-b")]
+    if opt_out:
+        sessions[0].opt_out = frozenset({"item/agentMessage/delta"})
+    h.hub._begin_turn("thr-a", "t1", sessions[0])
+    return h, sessions
+
+
+@pytest.mark.parametrize("chunk", list(CHUNKS))
+@pytest.mark.parametrize("followers, opt_out", [(1, False), (2, False), (1, True)])
+def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out):
+    whole, by_line = _world(followers, opt_out), _world(followers, opt_out)
+    whole[0].hub.from_app_server_lines(list(CHUNKS[chunk]))
+    for one in CHUNKS[chunk]:
+        by_line[0].hub.from_app_server_lines([one])
+    for a, b in zip(whole[1], by_line[1], strict=True):
+        assert a.take_batch() == b.take_batch()
+    assert whole[0].hub.turns.keys() == by_line[0].hub.turns.keys()
+    assert whole[0].hub.server_requests.keys() == by_line[0].hub.server_requests.keys()
+    assert dataclasses.asdict(whole[0].hub.counts) == dataclasses.asdict(by_line[0].hub.counts)

@@ -76,6 +76,10 @@ class LineSplitter:
         self._skipping = 0  # > 0: inside an oversized line, bytes dropped so far
 
     def feed(self, data: bytes) -> None:
+        if not self._skipping and not self._buf and data.find(b"\n") == len(data) - 1 and len(data) <= self._max:
+            if not data.isspace():  # one whole line, the usual answer: no split
+                self._on_lines([data[:-1]])
+            return
         if self._skipping:
             end = data.find(b"\n")
             if end < 0:

@@ -256,15 +256,24 @@ class Hub:
         return self._send_request(msg, Pending(kind, method, time.monotonic(), **fields))
 
     def _send_request(self, msg: dict[str, Any], pending: Pending) -> int:
+        proxy_id = self._send_new(msg)
+        self._record(proxy_id, pending)
+        return proxy_id
+
+    def _send_new(self, msg: dict[str, Any]) -> int:
+        """Writes a request under a fresh proxy id (recorded by the caller, after: the write
+        comes first, the app-server cannot answer before the loop runs again)."""
         if self.gone is not None:
             raise AppServerGone(self.gone)
         proxy_id = next(self._ids)
         msg["id"] = proxy_id
         self._send_line(jsonrpc.encode(msg))
+        return proxy_id
+
+    def _record(self, proxy_id: int, pending: Pending) -> None:
         self.pending[proxy_id] = pending
         if pending.kind in (SESSION, CALL):
             self._pending_work += 1
-        return proxy_id
 
     def overloaded(self) -> bool:
         return self._stdin_backlog() > STDIN_BUFFER_LIMIT
@@ -549,14 +558,15 @@ class Hub:
             self._count(SESSION, method, REFUSED)
             session.push(error_response(client_id, jsonrpc.OVERLOADED_ERROR))
             return
-        pending = Pending(SESSION, method, time.monotonic(), session=session, client_id=client_id,
-                          thread_id=thread_id)
+        sent_at = time.monotonic()
         try:
-            proxy_id = self._send_request(dict[str, Any](message.members), pending)
+            proxy_id = self._send_new(dict[str, Any](message.members))
         except AppServerGone as exc:
             self._count(SESSION, method, REFUSED)
             session.push(error_response(client_id, jsonrpc.error(jsonrpc.APP_SERVER_EXITED, str(exc))))
             return
+        self._record(proxy_id, Pending(SESSION, method, sent_at, session=session, client_id=client_id,
+                                       thread_id=thread_id))
         session.pending.add(proxy_id)
         if method in jsonrpc.TURN_STARTING_METHODS and thread_id is not None:
             session.starting[thread_id] += 1

@@ -98,6 +98,7 @@ class _Note(msgspec.Struct):
 
 
 _NOTES = msgspec.json.Decoder(list[_Note])
+_VALUES = msgspec.json.Decoder(list[msgspec.Raw])  # each value's own text: where it begins and ends
 STREAM_BATCH = 8  # lines in a chunk from which the stream's fast path is tried
 
 
@@ -710,22 +711,27 @@ class Hub:
     def _stream_batch(self, lines: list[bytes]) -> bool:
         """The stream's fast path: a chunk of lines that are all notifications of one thread,
         none of which changes what the hub tracks, for the one Session that follows it (the
-        usual chunk of a turn's deltas) is queued whole, read in one C pass (the lines decoded
-        together as one JSON array, every value validated, only method, params.threadId and id
-        built; their UTF-8 checked in one pass too). False, with nothing done, for any other
-        chunk (a line that is not such a notification, not JSON, blank, for another thread or
-        Session): the line-by-line loop takes it."""
+        usual chunk of a turn's deltas) is queued whole, read in C passes (the lines decoded
+        together as one JSON array: each value's extent, which must be its line exactly, then
+        only method, params.threadId and id; their UTF-8 checked in one pass too). False, with
+        nothing done, for any other chunk (a line that is not such a notification, not exactly
+        one JSON value, blank, for another thread or Session): the line-by-line loop takes it."""
         joined = b",".join(lines)
         if not joined.isascii():
             try:
                 joined.decode()
             except UnicodeDecodeError:
                 return False
+        array = b"[" + joined + b"]"
         try:
-            notes = _NOTES.decode(b"[" + joined + b"]")
+            values = _VALUES.decode(array)
+            # Each line must be exactly one value: two lines that make one value between them
+            # (a string that runs over the comma) and a line that holds two could balance the
+            # count. Equal lengths, value by value, mean every value is its own line.
+            if list(map(len, values)) != list(map(len, lines)):
+                return False
+            notes = _NOTES.decode(array)
         except msgspec.MsgspecError:
-            return False
-        if len(notes) != len(lines):  # a "line" that held two values ("1,2")
             return False
         methods = {note.method for note in notes}
         if None in methods or not methods.isdisjoint(_SLOW_NOTIFICATIONS):

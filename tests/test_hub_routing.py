@@ -269,6 +269,13 @@ CHUNKS: dict[str, list[bytes]] = {
     "a blank line": [*(_delta("thr-a", i) for i in range(6)), b"", *(_delta("thr-a", i) for i in range(7, 12))],
     "two values on one line": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-a", 6) + b"," + _delta("thr-a", 7),
                                *(_delta("thr-a", i) for i in range(8, 12))],
+    # Each line wrong on its own, the whole a valid array of as many values as lines: a string that
+    # runs over the comma between two lines, and a line that holds two values.
+    "lines that are one value only when joined": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},"x":"', b'"}',
+        _delta("thr-a", 6) + b"," + _delta("thr-a", 7),
+        *(_delta("thr-a", i) for i in range(8, 12))],
     "another thread's delta": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-b", 6),
                                *(_delta("thr-a", i) for i in range(7, 12))],
     "a turn's end among them": [*(_delta("thr-a", i) for i in range(6)),

@@ -57,14 +57,7 @@ from proxy import __version__, jsonrpc
 from proxy import child as child_process
 from proxy.appserver import AppServerProcess
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
-from proxy.contract import (  # noqa: F401 - the stop's timings, re-exported for tests
-    APP_STOP_WAITS,
-    FORCE_GRACE,
-    INTERRUPT_GRACE,
-    SESSION_FLUSH,
-    STOP_ESCALATION,
-    STOP_GRACE,
-)
+from proxy.contract import FORCE_GRACE, INTERRUPT_GRACE, SESSION_FLUSH, STOP_GRACE
 from proxy.health import HealthMonitor, health_reflection
 from proxy.hub import CALL, AppServerGone, Hub
 from proxy.reaper import Reaper

@@ -40,8 +40,8 @@ requests are routed like any thread's, on the same hot path, and reach no other 
 Fast paths, each equivalent to the general route (tests/test_hub_routing.py feeds both the
 same input): a chunk of a turn's notifications for one thread and its one Session is read in
 one C pass and queued whole (``_stream_batch``); a small answer that begins with its id, to a
-Session's request that starts no turn, is relayed with the client's id spliced in, written
-before the bookkeeping (``_session_answer``).
+Session's request, is relayed with the client's id spliced in instead of re-encoded
+(``_session_answer``). Any answer to a Session is queued before what it changes is recorded.
 
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
@@ -753,9 +753,9 @@ class Hub:
 
     def _session_answer(self, line: bytes) -> bool:
         """The unary fast path: a small response that begins with its id (``{"id":N,``, as
-        codex writes them) to a Session's request that starts no turn is relayed as the
+        codex writes them) to a Session's request is relayed as the
         app-server wrote it but for the id, the client's own spliced in, and written before
-        anything is recorded (the JSONL front end writes at once). False, with nothing done,
+        anything is recorded (``_response``, as for any answer). False, with nothing done,
         for anything else: ``_route`` takes it."""
         comma = line.find(b",", 6, 28)
         digits = line[6:comma]
@@ -763,7 +763,7 @@ class Hub:
             return False
         proxy_id = int(digits)
         pending = self.pending.get(proxy_id)
-        if pending is None or pending.kind != SESSION or pending.method in jsonrpc.TURN_STARTING_METHODS:
+        if pending is None or pending.kind != SESSION:
             return False
         try:
             msg = _orjson_loads(line)
@@ -772,21 +772,9 @@ class Hub:
         if (type(msg) is not dict or msg.get("id") != proxy_id or "method" in msg
                 or ("result" in msg) == ("error" in msg)):
             return False
-        session = pending.session
-        assert session is not None and pending.client_id is not None
-        if session.open:
-            session.push(b"".join((_RESPONSE_START, pending.client_id, line[comma:])))
-        self.last_response = time.monotonic()
-        del self.pending[proxy_id]
-        self._pending_work -= 1
-        if pending.counted:
-            self._count(SESSION, pending.method, ERROR if "error" in msg else OK)
-        session.pending.discard(proxy_id)
-        if "result" in msg:
-            for thread_id in jsonrpc.thread_ids_in_result(msg["result"]):
-                self._subscribe(session, thread_id)
-        self._maybe_finish(session)
-        self._on_change()
+        assert pending.client_id is not None
+        self._response(proxy_id, msg, lambda: _result_facts(msg.get("result")),
+                       b"".join((_RESPONSE_START, pending.client_id, line[comma:])))
         return True
 
     def from_app_server(self, line: bytes) -> None:
@@ -867,10 +855,12 @@ class Hub:
                 return
         self._response(proxy_id, members, facts)
 
-    def _response(self, proxy_id: Any, msg: dict[str, Any], facts: Callable[[], Facts]) -> None:
+    def _response(self, proxy_id: Any, msg: dict[str, Any], facts: Callable[[], Facts],
+                  relayed: bytes | None = None) -> None:
         """A response to a request of the proxy's: ``msg`` its members (JSON text, or the
         proxy's own decoded error), ``facts`` what its result hands over, read only when the
-        requester needs it (a big result costs a pass)."""
+        requester needs it (a big result costs a pass); ``relayed``: what a Session gets, when
+        the caller made it already (else it is encoded from ``msg``)."""
         self.last_response = time.monotonic()
         pending = self.pending.pop(proxy_id, None) if type(proxy_id) is int else None
         if pending is None:
@@ -889,13 +879,21 @@ class Hub:
             if "result" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS:
                 self._note_turn_start(pending, facts(), None)
         elif pending.kind == SESSION:
-            self._session_response(pending, proxy_id, msg, facts)
+            self._session_response(pending, proxy_id, msg, facts, relayed)
         self._on_change()
 
     def _session_response(self, pending: Pending, proxy_id: int, msg: dict[str, Any],
-                          facts: Callable[[], Facts]) -> None:
+                          facts: Callable[[], Facts], relayed: bytes | None) -> None:
+        """Its answer goes out first (the JSONL front end writes it at once), then what it
+        changes is recorded: nothing recorded here affects that answer."""
         session = pending.session
         assert session is not None
+        if session.open:
+            if relayed is None:
+                members = dict(msg)
+                members["id"] = pending.client_id
+                relayed = jsonrpc.encode(members)
+            session.push(relayed)
         session.pending.discard(proxy_id)
         if "error" in msg and pending.method in jsonrpc.TURN_STARTING_METHODS and pending.thread_id:
             self._unannounce(session, pending.thread_id)
@@ -904,10 +902,6 @@ class Hub:
             for thread_id in handed[0]:
                 self._subscribe(session, thread_id)
             self._note_turn_start(pending, handed, session)
-        if session.open:
-            relayed = dict(msg)
-            relayed["id"] = pending.client_id
-            session.push(jsonrpc.encode(relayed))
         self._maybe_finish(session)
 
     def _unannounce(self, session: Session, thread_id: str) -> None:

@@ -5,6 +5,7 @@
   take its time over SIGTERM.
 - ``served``: the same for the fault tests, each broker SERVING before it is returned, and one
   that is still running 3 s after SIGTERM is a failure.
+- ``base``: a fresh short directory (socket paths fit), removed afterwards.
 
 On teardown each broker is stopped by its PID and the test fails if it left a process or its
 socket directory behind.
@@ -12,12 +13,13 @@ socket directory behind.
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import BrokerProcess, serve
+from harness import BrokerProcess, serve, short_dir
 
 
 def _stop_all(started: list[BrokerProcess]) -> None:
@@ -56,3 +58,10 @@ def served(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 
     yield start
     _stop_all(started)
+
+
+@pytest.fixture
+def base() -> Iterator[str]:
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

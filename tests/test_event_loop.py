@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
 
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import error_lines, fake_command, new_marker, processes_with, run_serve, short_dir
+from harness import error_lines, fake_command, new_marker, processes_with, run_serve
 
 from proxy import eventloop
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("flags, env, name", [

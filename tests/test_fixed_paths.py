@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import socket
 import stat
-from collections.abc import Iterator
 
 import pytest
-from harness import SERVING, BrokerProcess, error_lines, fake_command, new_marker, run_serve, serve, short_dir
+from harness import SERVING, BrokerProcess, error_lines, fake_command, new_marker, run_serve, serve
 from proc_support import processes_with, wait_gone
 
 from proxy.config import LIVE, STALE, liveness_from_errno
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_quietly(b: BrokerProcess) -> None:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SessionClient, aio_channel, run
 
 from protos import broker_pb2
-from proxy import broker as broker_module
+from proxy import contract
 from proxy.contract import add_serve_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,8 +193,8 @@ def test_the_manifest_passes_kubernetes_validate_strict():
 
 def test_the_grace_period_covers_the_drain_deadline_and_the_stop():
     args = parsed_serve_args()
-    stop = (broker_module.INTERRUPT_GRACE + broker_module.FORCE_GRACE + broker_module.SESSION_FLUSH
-            + APP_SERVER_STOP + broker_module.STOP_GRACE)
+    stop = (contract.INTERRUPT_GRACE + contract.FORCE_GRACE + contract.SESSION_FLUSH
+            + APP_SERVER_STOP + contract.STOP_GRACE)
     grace = manifest()["spec"]["terminationGracePeriodSeconds"]
     assert grace >= args.drain_deadline + stop, (grace, args.drain_deadline, stop)
 

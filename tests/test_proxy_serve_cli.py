@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -25,17 +23,9 @@ from harness import (
     processes_with,
     read_request_log,
     run_serve,
-    short_dir,
     wait_for,
     wait_gone,
 )
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def assert_refused(result, *, words: tuple[str, ...]) -> str:

@@ -17,7 +17,7 @@ import pytest
 from harness import ROOT
 
 from proxy import contract
-from proxy.broker import STOP_ESCALATION
+from proxy.contract import STOP_ESCALATION
 
 UNIT = Path(ROOT) / "deploy" / "systemd" / "codex-broker@.service"
 SOCKET_PATH_MAX = 107  # sun_path's 108 bytes, NUL included

@@ -1,13 +1,15 @@
 """The event loop `serve` runs on.
 
-uvloop (libuv) where it is installed, which it is on Linux and macOS: the loop's own work for
-each read and write is C there, which is most of what the broker spends on a small request
-besides the system calls (a JSON-lines round trip costs the broker about 30 us less CPU; see
-docs/BENCHMARKS.md). asyncio's own loop where uvloop is missing, or when asked for:
-``serve --event-loop asyncio`` or CODEX_BROKER_EVENT_LOOP=asyncio (a platform where uvloop
-misbehaves). The broker runs the same on either: it uses only what both loops provide, with one
-difference handled where it arises (uvloop keeps SIGCHLD for itself: the orphan reaper then
-uses a plain signal handler, see proxy.broker)."""
+asyncio's own loop by default. uvloop (libuv) when asked for: ``serve --event-loop uvloop``,
+``auto`` (uvloop where it is installed, which it is on Linux and macOS), or the same in
+CODEX_BROKER_EVENT_LOOP. On uvloop the loop's own work for each read and write is C, which is
+most of what the broker spends on a small request besides the system calls (a JSON-lines round
+trip costs the broker about 30 us less CPU; see docs/BENCHMARKS.md). It is not the default:
+under the soak's rotations, about one run in four on uvloop had a gRPC Call end CANCELLED as
+its broker stopped, which asyncio's loop has never shown; until that is understood, a client
+must not meet it without asking. The broker otherwise runs the same on either: it uses only
+what both loops provide, with one difference handled where it arises (uvloop keeps SIGCHLD
+for itself: the orphan reaper then uses a plain signal handler, see proxy.broker)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
@@ -28,9 +30,9 @@ class EventLoopError(Exception):
 
 
 def choice(flag: str | None, environ: Mapping[str, str]) -> str:
-    """The loop asked for: the flag, else the variable, else auto. EventLoopError for a name
-    that is none of CHOICES."""
-    value = flag if flag else (environ.get(EVENT_LOOP_ENV) or AUTO)
+    """The loop asked for: the flag, else the variable, else asyncio's own. EventLoopError for
+    a name that is none of CHOICES."""
+    value = flag if flag else (environ.get(EVENT_LOOP_ENV) or ASYNCIO)
     value = value.strip().lower()
     if value not in CHOICES:
         source = "--event-loop" if flag else EVENT_LOOP_ENV

@@ -1,5 +1,5 @@
-"""The event loop `serve` runs on: uvloop by default (it is a dependency where it builds), asyncio's
-own when asked, by `--event-loop` or CODEX_BROKER_EVENT_LOOP (the flag wins). The places where
+"""The event loop `serve` runs on: asyncio's own by default, uvloop when asked (`uvloop`, or `auto`
+where it is installed, which it is here), by `--event-loop` or CODEX_BROKER_EVENT_LOOP (the flag wins). The places where
 the two loops behave differently are tested on both where they arise (test_proxy_lifetime's
 orphan reaping, test_proxy_serve_cli's app-server exiting at once, test_jsonl_companion's ends)."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ from proxy import eventloop
 
 
 @pytest.mark.parametrize("flags, env, name", [
-    ((), {}, "uvloop"),
-    (("--event-loop", "asyncio"), {}, "asyncio"),
-    ((), {eventloop.EVENT_LOOP_ENV: "asyncio"}, "asyncio"),
+    ((), {}, "asyncio"),
+    (("--event-loop", "asyncio"), {eventloop.EVENT_LOOP_ENV: "uvloop"}, "asyncio"),
+    ((), {eventloop.EVENT_LOOP_ENV: "uvloop"}, "uvloop"),
     (("--event-loop", "uvloop"), {eventloop.EVENT_LOOP_ENV: "asyncio"}, "uvloop"),
     (("--event-loop", "auto"), {}, "uvloop"),
 ])
@@ -50,9 +50,9 @@ def test_an_unknown_event_loop_flag_is_a_usage_error(base):
 
 
 def test_the_choice_is_the_flag_then_the_variable_then_auto():
-    assert eventloop.choice(None, {}) == eventloop.AUTO
+    assert eventloop.choice(None, {}) == eventloop.ASYNCIO
     assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: " AsyncIO "}) == eventloop.ASYNCIO
-    assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: ""}) == eventloop.AUTO
+    assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: ""}) == eventloop.ASYNCIO
     assert eventloop.choice("uvloop", {eventloop.EVENT_LOOP_ENV: "asyncio"}) == eventloop.UVLOOP
     with pytest.raises(eventloop.EventLoopError, match="CODEX_BROKER_EVENT_LOOP"):
         eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: "tokio"})

@@ -64,22 +64,21 @@ class RateLimit:
 
 
 class LineSplitter:
-    """Splits a byte stream into lines, handed on a chunk's worth at a time (``on_lines``, in
-    order; blank lines may be among them). A line longer than ``max_line`` is dropped whole."""
+    """Splits a byte stream into lines, handed on a chunk's worth at a time: ``on_chunk`` gets
+    the complete lines a chunk of the stream finished, in order, joined by newlines (no final
+    one), so a run of notifications can be relayed without being cut apart and put back
+    together; blank lines may be among them. A line longer than ``max_line`` is never handed
+    on: ``on_oversized`` gets its length, and it is dropped as it arrives."""
 
-    def __init__(self, on_lines: Callable[[list[bytes]], None], on_oversized: Callable[[int], None],
+    def __init__(self, on_chunk: Callable[[bytes], None], on_oversized: Callable[[int], None],
                  max_line: int):
-        self._on_lines = on_lines
+        self._on_chunk = on_chunk
         self._on_oversized = on_oversized
         self._max = max_line
         self._buf = bytearray()
         self._skipping = 0  # > 0: inside an oversized line, bytes dropped so far
 
     def feed(self, data: bytes) -> None:
-        if not self._skipping and not self._buf and data.find(b"\n") == len(data) - 1 and len(data) <= self._max:
-            if not data.isspace():  # one whole line, the usual answer: no split
-                self._on_lines([data[:-1]])
-            return
         if self._skipping:
             end = data.find(b"\n")
             if end < 0:
@@ -88,33 +87,28 @@ class LineSplitter:
             self._on_oversized(self._skipping + end)
             self._skipping = 0
             data = data[end + 1:]
-        end = data.find(b"\n")
-        if end < 0:
+        last = data.rfind(b"\n")
+        if last < 0:
             self._buf += data
             self._check_overflow()
             return
         if self._buf:
-            self._buf += data[:end]
-            first = bytes(self._buf)
+            self._buf += memoryview(data)[:last]
+            body = bytes(self._buf)
             self._buf.clear()
         else:
-            first = data[:end]
-        lines = data[end + 1:].split(b"\n")
-        self._buf += lines.pop()
-        self._emit(first)
-        if len(data) <= self._max:  # no line inside this chunk can be over the limit
-            if lines:
-                self._on_lines(lines)
+            body = data[:last] if last < len(data) - 1 else data[:-1]
+        self._buf += memoryview(data)[last + 1:]
+        if len(body) <= self._max:  # no line of it can be over the limit
+            if body and not body.isspace():
+                self._on_chunk(body)
         else:
-            for line in lines:
-                self._emit(line)
+            for line in body.split(b"\n"):
+                if len(line) > self._max:
+                    self._on_oversized(len(line))
+                elif line.strip():
+                    self._on_chunk(line)
         self._check_overflow()
-
-    def _emit(self, line: bytes) -> None:
-        if len(line) > self._max:
-            self._on_oversized(len(line))
-        elif line.strip():
-            self._on_lines([line])
 
     def _check_overflow(self) -> None:
         if len(self._buf) > self._max:
@@ -153,14 +147,14 @@ class _WriteSide(asyncio.BaseProtocol):
 
 
 class AppServerProcess:
-    """One app-server child. ``on_line`` gets each stdout line (bytes, no newline)."""
+    """One app-server child. ``on_chunk`` gets its stdout a run of complete lines at a time (see LineSplitter)."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None,
-                 on_lines: Callable[[list[bytes]], None], max_line: int):
+                 on_chunk: Callable[[bytes], None], max_line: int):
         self.argv = list(argv)
         self.cwd = cwd
         self.env = env
-        self._stdout = LineSplitter(on_lines, self._on_oversized, max_line)
+        self._stdout = LineSplitter(on_chunk, self._on_oversized, max_line)
         self._stderr_buf = bytearray()
         self._stderr_limit = RateLimit(STDERR_RATE, STDERR_BURST)
         self._stderr_summary: asyncio.TimerHandle | None = None

@@ -297,7 +297,7 @@ class Broker:
 
     async def _start_app_server(self) -> None:
         cfg = self.config
-        app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_lines=self.hub.from_app_server_lines,
+        app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_chunk=self.hub.from_app_server_chunk,
                                max_line=cfg.max_line_bytes)
         child, self._child = self._child, None
         await app.start(child)  # ConfigError when the command cannot run; the child is gone on failure

@@ -97,9 +97,9 @@ class _Note(msgspec.Struct):
     id: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
-_NOTES = msgspec.json.Decoder(list[_Note])
-_VALUES = msgspec.json.Decoder(list[msgspec.Raw])  # each value's own text: where it begins and ends
-STREAM_BATCH = 8  # lines in a chunk from which the stream's fast path is tried
+_NOTE = msgspec.json.Decoder(_Note)
+_VALUE = msgspec.json.Decoder(msgspec.Raw)  # a value's own text: where it begins and ends
+STREAM_CHUNK = 1024  # bytes in a chunk of several lines from which the stream's fast path is tried
 
 
 def _plain_item(method: str, msg: dict[str, Any]) -> bool:
@@ -302,13 +302,16 @@ class Hub:
 
     # -- Sessions ------------------------------------------------------------------------
     def open_session(self, *, transport: str = "grpc",
-                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR, counted: bool = True) -> Session:
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR, counted: bool = True,
+                     writes_lines: bool = False) -> Session:
         """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
         work gets while the broker drains (each front end has its own code). Not ``counted``: a
         connection that may only be a connect-and-close check; ``count_session`` counts it as a
-        Session once it sends something, ``close_session`` as a check if it never does."""
+        Session once it sends something, ``close_session`` as a check if it never does.
+        ``writes_lines``: its front end writes messages one per line (see Session)."""
         session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
-                          transport=transport, draining_error=draining_error, counted=counted)
+                          transport=transport, draining_error=draining_error, counted=counted,
+                          writes_lines=writes_lines)
         self.sessions[session.id] = session
         if counted:
             self.counts.sessions_opened[transport] += 1
@@ -651,6 +654,14 @@ class Hub:
             self._send_line(error_response(app_id, error))
 
     # -- from the app-server -------------------------------------------------------------
+    def from_app_server_chunk(self, body: bytes) -> None:
+        """Complete lines of the app-server's stdout, in order, joined by newlines (blank ones
+        skipped): as proxy/appserver.py's LineSplitter hands them over."""
+        if b"\n" not in body:
+            self.from_app_server_lines([body])
+        elif len(body) < STREAM_CHUNK or not self._stream_chunk(body):
+            self.from_app_server_lines(body.split(b"\n"))
+
     def from_app_server_lines(self, lines: list[bytes]) -> None:
         """Lines of the app-server's stdout, in order (blank ones skipped). The hot path: one
         turn streams tens of thousands of notifications, so the common case, a notification
@@ -667,8 +678,6 @@ class Hub:
                 return
             if line.startswith(_RESPONSE_START) and line.endswith(b"}") and self._session_answer(line):
                 return
-        elif len(lines) >= STREAM_BATCH and self._stream_batch(lines):
-            return
         loads = _orjson_loads
         threads = self.threads
         run_session: Session | None = None
@@ -708,29 +717,29 @@ class Hub:
         if run:
             run_session.push_many(run)  # type: ignore[union-attr]
 
-    def _stream_batch(self, lines: list[bytes]) -> bool:
-        """The stream's fast path: a chunk of lines that are all notifications of one thread,
-        none of which changes what the hub tracks, for the one Session that follows it (the
-        usual chunk of a turn's deltas) is queued whole, read in C passes (the lines decoded
-        together as one JSON array: each value's extent, which must be its line exactly, then
-        only method, params.threadId and id; their UTF-8 checked in one pass too). False, with
-        nothing done, for any other chunk (a line that is not such a notification, not exactly
-        one JSON value, blank, for another thread or Session): the line-by-line loop takes it."""
-        joined = b",".join(lines)
-        if not joined.isascii():
+    def _stream_chunk(self, body: bytes) -> bool:
+        """The stream's fast path: a chunk of lines (``body``, joined by newlines) that are all
+        notifications of one thread, none of which changes what the hub tracks, for the one
+        Session that follows it (the usual chunk of a turn's deltas) is queued whole, read in
+        C passes: its UTF-8 checked at once; its values' extents, which must be its lines
+        exactly; then only method, params.threadId and id of each. False, with nothing done,
+        for any other chunk (a line that is not such a notification, not exactly one JSON
+        value, blank, for another thread or Session): the line-by-line route takes it."""
+        if not body.isascii():
             try:
-                joined.decode()
+                body.decode()
             except UnicodeDecodeError:
                 return False
-        array = b"[" + joined + b"]"
         try:
-            values = _VALUES.decode(array)
-            # Each line must be exactly one value: two lines that make one value between them
-            # (a string that runs over the comma) and a line that holds two could balance the
-            # count. Equal lengths, value by value, mean every value is its own line.
-            if list(map(len, values)) != list(map(len, lines)):
+            values = _VALUE.decode_lines(body)
+            # Each line must be exactly one value. The values put back together with one
+            # newline between them give the chunk, and no value holds a newline of its own
+            # (one that runs over a line's end, whitespace inside it): then each value is
+            # its line, no more, no less (no line split, blank, holding two, padded).
+            count = len(values)
+            if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
                 return False
-            notes = _NOTES.decode(array)
+            notes = _NOTE.decode_lines(body)
         except msgspec.MsgspecError:
             return False
         methods = {note.method for note in notes}
@@ -748,7 +757,10 @@ class Hub:
         (session,) = subscribers
         if session.opt_out and not session.opt_out.isdisjoint(methods):
             return False
-        session.push_many(lines)
+        counts = self.counts
+        counts.lines_from_app_server += count
+        counts.bytes_from_app_server += len(body) - (count - 1)
+        session.push_lines(body)
         return True
 
     def _session_answer(self, line: bytes) -> bool:

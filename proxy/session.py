@@ -62,6 +62,9 @@ class Session:
     client_name: str = ""
     transport: str = "grpc"  # the front end's name, for Status
     counted: bool = True  # counted as a Session in the metrics (False: maybe a connect-and-close check)
+    # Its front end writes its messages one per line, joined by newlines (JSONL): a run of
+    # lines may be queued as one text (push_lines), which is written as it is.
+    writes_lines: bool = False
     # What new work gets while the broker drains: each front end says (the codes differ).
     draining_error: dict[str, Any] = field(default_factory=lambda: jsonrpc.DRAINING_ERROR)
     initialized: bool = False
@@ -117,6 +120,14 @@ class Session:
             if not self._queue:
                 return
         self._wake.set()
+
+    def push_lines(self, body: bytes) -> None:
+        """Queues the messages of ``body``, one per line, joined by newlines: whole, for a front
+        end that writes them so (and then counted as one message in a batch), else one by one."""
+        if self.writes_lines and len(body) < LARGE_MESSAGE:
+            self.push_many([body])
+        else:
+            self.push_many(body.split(b"\n"))
 
     def end(self, ending: Ending) -> None:
         """Ends the Session's RPC (first call wins); an ending without flush frees the buffer."""

@@ -37,9 +37,9 @@ class Harness:
         """What a front end does with one client message (small: read on the loop)."""
         self.hub.route(session, jsonrpc.read_client_message(json.dumps(msg).encode()))
 
-    def session_on(self, thread_id: str) -> Session:
+    def session_on(self, thread_id: str, writes_lines: bool = False) -> Session:
         """A Session, initialized, that started ``thread_id`` (so it follows it)."""
-        session = self.hub.open_session()
+        session = self.hub.open_session(writes_lines=writes_lines)
         self.from_client(session, {"id": 1, "method": "initialize", "params": {}})
         self.from_client(session, {"id": 2, "method": "thread/start", "params": {}})
         proxy_id = self.sent[-1]["id"]
@@ -276,6 +276,27 @@ CHUNKS: dict[str, list[bytes]] = {
         b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},"x":"', b'"}',
         _delta("thr-a", 6) + b"," + _delta("thr-a", 7),
         *(_delta("thr-a", i) for i in range(8, 12))],
+    # The same over lines joined by newlines: a value whose line ends between two of its
+    # members (whitespace there is allowed), and a line that holds two values.
+    "a value over two lines": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},', b'"x":1}',
+        _delta("thr-a", 6) + b" " + _delta("thr-a", 7),
+        *(_delta("thr-a", i) for i in range(8, 12))],
+    "a value over two lines, nothing else amiss": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},', b'"x":1}',
+        *(_delta("thr-a", i) for i in range(8, 12))],
+    "a value over two lines, the break before a comma": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"}', b',"x":1}',
+        _delta("thr-a", 6) + _delta("thr-a", 7),
+        *(_delta("thr-a", i) for i in range(8, 12))],
+    "a line with spaces around its value": [*(_delta("thr-a", i) for i in range(6)), b" " + _delta("thr-a", 6) + b"\t",
+                                            *(_delta("thr-a", i) for i in range(7, 12))],
+    "lines ending in a carriage return": [_delta("thr-a", i) + b"\r" for i in range(12)],
+    "a line of whitespace": [*(_delta("thr-a", i) for i in range(6)), b" \t ",
+                             *(_delta("thr-a", i) for i in range(7, 12))],
     "another thread's delta": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-b", 6),
                                *(_delta("thr-a", i) for i in range(7, 12))],
     "a turn's end among them": [*(_delta("thr-a", i) for i in range(6)),
@@ -296,9 +317,9 @@ CHUNKS: dict[str, list[bytes]] = {
 }
 
 
-def _world(followers: int, opt_out: bool) -> tuple[Harness, list[Session]]:
+def _world(followers: int, opt_out: bool, writes_lines: bool) -> tuple[Harness, list[Session]]:
     h = Harness()
-    sessions = [h.session_on("thr-a") for _ in range(followers)] + [h.session_on("thr-b")]
+    sessions = [h.session_on("thr-a", writes_lines) for _ in range(followers)] + [h.session_on("thr-b", writes_lines)]
     if opt_out:
         sessions[0].opt_out = frozenset({"item/agentMessage/delta"})
     h.hub._begin_turn("thr-a", "t1", sessions[0])
@@ -307,13 +328,20 @@ def _world(followers: int, opt_out: bool) -> tuple[Harness, list[Session]]:
 
 @pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("followers, opt_out", [(1, False), (2, False), (1, True)])
-def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out):
-    whole, by_line = _world(followers, opt_out), _world(followers, opt_out)
-    whole[0].hub.from_app_server_lines(list(CHUNKS[chunk]))
+@pytest.mark.parametrize("writes_lines", [False, True], ids=["messages", "lines"])
+def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out, writes_lines):
+    """The chunk as the app-server's reader hands it over (its lines joined by newlines), and
+    the same lines one at a time: the same messages to the same Sessions (for a front end that
+    writes lines, the same bytes), the same tracking and the same counts."""
+    whole, by_line = _world(followers, opt_out, writes_lines), _world(followers, opt_out, writes_lines)
+    whole[0].hub.from_app_server_chunk(b"\n".join(CHUNKS[chunk]))
     for one in CHUNKS[chunk]:
         by_line[0].hub.from_app_server_lines([one])
     for a, b in zip(whole[1], by_line[1], strict=True):
-        assert a.take_batch() == b.take_batch()
+        if writes_lines:
+            assert b"\n".join(a.take_batch()) == b"\n".join(b.take_batch())
+        else:
+            assert a.take_batch() == b.take_batch()
     assert whole[0].hub.turns.keys() == by_line[0].hub.turns.keys()
     assert whole[0].hub.server_requests.keys() == by_line[0].hub.server_requests.keys()
     assert dataclasses.asdict(whole[0].hub.counts) == dataclasses.asdict(by_line[0].hub.counts)

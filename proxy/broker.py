@@ -672,6 +672,10 @@ class Broker:
             wedged = self._app_wedged or self.health.wedged()
             code = await self.app.stop(polite_wait=0.2 if wedged else 2.0, term_wait=0.3 if wedged else 2.0)
             log.info("app-server stopped (%s)", self.app.describe_exit() if code is not None else "no status")
+            # What it left unanswered (a Call the stop did not wait for) is answered now, with
+            # an error a client may retry, while gRPC can still send it: not cancelled later.
+            self.hub.app_server_gone(f"the broker stopped before the app-server answered "
+                                     f"({self.app.describe_exit() if code is not None else 'app-server stopped'})")
         if self.reaper is not None:
             await self.reaper.stop_descendants()
 

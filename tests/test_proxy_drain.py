@@ -148,6 +148,32 @@ def test_second_sigint_stops_at_once(broker):
     assert_cleaned_up(b)
 
 
+@pytest.mark.parametrize("how", ["second SIGINT", "forced drain"])
+def test_a_call_still_pending_when_the_broker_stops_gets_an_error_reply_not_a_cancelled_rpc(broker, how):
+    """A Call the app-server never answers before the stop (here: it would take a minute) is
+    answered by the broker once it has stopped the app-server (-32002, which a client may
+    retry), not left for gRPC to cancel when the server stops."""
+    b = broker()
+
+    async def main():
+        async with aio_channel(b) as channel:
+            pending = asyncio.ensure_future(call(channel, "fake/slow", {"seconds": 60}))
+            await status_until(channel, lambda st: st.pending_requests == 1)
+            if how == "second SIGINT":
+                os.kill(b.pid, signal.SIGINT)
+                await status_until(channel, lambda st: st.state == broker_pb2.BROKER_STATE_DRAINING)
+                os.kill(b.pid, signal.SIGINT)
+            else:
+                await drain(channel, force=True)
+            reply = await asyncio.wait_for(pending, 30)
+            assert reply.HasField("error"), reply
+            assert reply.error.code == -32002 and "stopped" in reply.error.message, reply
+        assert await wait_exit(b, 30) == 0
+
+    run(main())
+    assert_cleaned_up(b)
+
+
 def test_repeated_sigterms_are_one_drain_and_the_turn_completes(broker):
     b = broker()
 

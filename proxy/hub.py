@@ -91,10 +91,12 @@ class _Params(msgspec.Struct):
 
 
 class _Note(msgspec.Struct):
-    """What the stream's fast path reads of a line: the rest is skipped (validated, not built)."""
-    method: str | None = None
-    params: _Params | None = None
-    id: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    """What the stream's fast path reads of a line: the rest is skipped (validated, not built).
+    A line without a method or params object, or with any id (a request), fails to decode as
+    one: the chunk is no stream chunk."""
+    method: str
+    params: _Params
+    id: msgspec.UnsetType = msgspec.UNSET
 
 
 _NOTE = msgspec.json.Decoder(_Note)
@@ -743,11 +745,9 @@ class Hub:
         except msgspec.MsgspecError:
             return False
         methods = {note.method for note in notes}
-        if None in methods or not methods.isdisjoint(_SLOW_NOTIFICATIONS):
+        if not methods.isdisjoint(_SLOW_NOTIFICATIONS):
             return False
-        if any(note.id is not msgspec.UNSET for note in notes):
-            return False
-        threads = {note.params.threadId if note.params is not None else None for note in notes}
+        threads = {note.params.threadId for note in notes}
         if len(threads) != 1:
             return False
         (thread_id,) = threads

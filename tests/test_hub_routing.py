@@ -312,6 +312,25 @@ CHUNKS: dict[str, list[bytes]] = {
     "a threadId that is not a string": [*(_delta("thr-a", i) for i in range(6)),
                                         line({"method": "item/agentMessage/delta", "params": {"threadId": 7}}),
                                         *(_delta("thr-a", i) for i in range(7, 12))],
+    # A key given twice: the last one counts (as orjson reads it on the general route).
+    "a delta that names its method twice, the last a turn's end": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a","turn":{"id":"t1","status":"completed"}},'
+        b'"method":"turn/completed"}',
+        *(_delta("thr-a", i) for i in range(7, 12))],
+    "a delta that names its thread twice, the last another's": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a","threadId":"thr-b"}}',
+        *(_delta("thr-a", i) for i in range(7, 12))],
+    "a delta with an id of null (a request)": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},"id":null}',
+        *(_delta("thr-a", i) for i in range(7, 12))],
+    "a delta without params": [*(_delta("thr-a", i) for i in range(6)), b'{"method":"item/agentMessage/delta"}',
+                               *(_delta("thr-a", i) for i in range(7, 12))],
+    "a delta whose params are null": [*(_delta("thr-a", i) for i in range(6)),
+                                      b'{"method":"item/agentMessage/delta","params":null}',
+                                      *(_delta("thr-a", i) for i in range(7, 12))],
     "no thread at all (to everyone)": [line({"method": "account/updated", "params": {"n": i}}) for i in range(12)],
     "a thread nobody follows": [_delta("thr-z", i) for i in range(12)],
 }

@@ -661,8 +661,21 @@ class Hub:
         skipped): as proxy/appserver.py's LineSplitter hands them over."""
         if b"\n" not in body:
             self.from_app_server_lines([body])
-        elif len(body) < STREAM_CHUNK or not self._stream_chunk(body):
-            self.from_app_server_lines(body.split(b"\n"))
+        elif len(body) < LARGE_LINE:
+            if len(body) < STREAM_CHUNK or not self._stream_chunk(body):
+                self.from_app_server_lines(body.split(b"\n"))
+        else:  # it may hold a line that big (one that ran over many reads): that one goes alone
+            run: list[bytes] = []
+            for line in body.split(b"\n"):
+                if len(line) < LARGE_LINE:
+                    run.append(line)
+                    continue
+                if run:
+                    self.from_app_server_lines(run)
+                    run = []
+                self.from_app_server_lines([line])
+            if run:
+                self.from_app_server_lines(run)
 
     def from_app_server_lines(self, lines: list[bytes]) -> None:
         """Lines of the app-server's stdout, in order (blank ones skipped). The hot path: one
@@ -675,7 +688,7 @@ class Hub:
         counts.bytes_from_app_server += sum(map(len, lines))
         if len(lines) == 1:
             line = lines[0]
-            if len(line) >= LARGE_LINE:  # a line only comes alone that big
+            if len(line) >= LARGE_LINE:  # a line only comes alone that big (from_app_server_chunk)
                 self._route_envelope(line)
                 return
             if line.startswith(_RESPONSE_START) and line.endswith(b"}") and self._session_answer(line):

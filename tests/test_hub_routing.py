@@ -128,20 +128,31 @@ def test_a_session_past_its_buffer_limit_is_dropped_and_the_other_keeps_its_stre
     assert [m["params"]["delta"] for m in drain(other)] == [f"o{i}" for i in range(200)]
 
 
-def test_a_big_response_amid_deltas_is_relayed_in_order_under_the_clients_id_with_every_number_exact():
+@pytest.mark.parametrize("arrival", ["line by line", "in one chunk with the deltas around it"])
+def test_a_big_response_amid_deltas_is_relayed_in_order_under_the_clients_id_with_every_number_exact(
+        arrival, monkeypatch):
     """A result of more than 1 MiB is routed from its envelope (only its routing fields are
-    decoded): it reaches its requester between the deltas around it, under the client's own
-    id, its numbers as the app-server wrote them."""
+    decoded, never the whole of it): it reaches its requester between the deltas around it,
+    under the client's own id, its numbers as the app-server wrote them."""
     h = Harness()
+    from_envelope: list[int] = []
+    route_envelope = h.hub._route_envelope
+    monkeypatch.setattr(h.hub, "_route_envelope", lambda line: (from_envelope.append(len(line)),
+                                                                route_envelope(line)))
     s = h.session_on("thr-big")
     h.from_client(s, {"id": "mine", "method": "thread/read", "params": {"threadId": "thr-big"}})
     proxy_id = h.sent[-1]["id"]
     numbers = ",".join(f"1{i:028d}.5e-400" for i in range(60_000))  # wider than 64 bits, finer than a double
     big = (b'{"id":%d,"result":{"thread":{"id":"thr-new"},"x":[' % proxy_id) + numbers.encode() + b"]}}"
     assert len(big) > 1 << 20
-    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-big", delta="before")])
-    h.hub.from_app_server_lines([big])  # a line that big comes alone (see proxy/appserver.py)
-    h.hub.from_app_server_lines([note("item/agentMessage/delta", "thr-big", delta="after")])
+    lines = [note("item/agentMessage/delta", "thr-big", delta="before"), big,
+             note("item/agentMessage/delta", "thr-big", delta="after")]
+    if arrival == "line by line":
+        for one in lines:
+            h.hub.from_app_server_chunk(one)
+    else:
+        h.hub.from_app_server_chunk(b"\n".join(lines))
+    assert from_envelope == [len(big)]
 
     async def texts() -> list[str]:
         out: list[str] = []

@@ -259,8 +259,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-buffer", type=int, default=8 << 20, metavar="BYTES",
                    help="a Session further behind than this is dropped (default 8 MiB)")
     p.add_argument("--event-loop", default=None, choices=("auto", "uvloop", "asyncio"),
-                   help="the event loop: asyncio's own (the default), uvloop, or auto (uvloop where "
-                        "installed); default from CODEX_BROKER_EVENT_LOOP")
+                   help="the event loop: auto (the default: uvloop where installed, else asyncio's "
+                        "own), uvloop, or asyncio; default from CODEX_BROKER_EVENT_LOOP")
     p.add_argument("--log-file", default=None, metavar="PATH",
                    help="log to this file (and send stdout/stderr there) instead of stderr, rotated by size")
     p.add_argument("--log-format", choices=LOG_FORMATS, default=None,

@@ -1,15 +1,14 @@
 """The event loop `serve` runs on.
 
-asyncio's own loop by default. uvloop (libuv) when asked for: ``serve --event-loop uvloop``,
-``auto`` (uvloop where it is installed, which it is on Linux and macOS), or the same in
-CODEX_BROKER_EVENT_LOOP. On uvloop the loop's own work for each read and write is C, which is
-most of what the broker spends on a small request besides the system calls (a JSON-lines round
-trip costs the broker about 30 us less CPU; see docs/BENCHMARKS.md). It is not the default:
-under the soak's rotations, about one run in four on uvloop had a gRPC Call end CANCELLED as
-its broker stopped, which asyncio's loop has never shown; until that is understood, a client
-must not meet it without asking. The broker otherwise runs the same on either: it uses only
-what both loops provide, with one difference handled where it arises (uvloop keeps SIGCHLD
-for itself: the orphan reaper then uses a plain signal handler, see proxy.broker)."""
+``auto`` by default: uvloop (libuv) where it is installed, which it is on Linux and macOS (a
+dependency there), else asyncio's own loop. ``serve --event-loop asyncio|uvloop|auto`` or the
+same in CODEX_BROKER_EVENT_LOOP chooses. On uvloop the loop's own work for each read and write
+is C, which is most of what the broker spends on a small request besides the system calls (a
+JSON-lines round trip costs the broker about 30 us less CPU; see docs/BENCHMARKS.md). The
+broker runs the same on either: it uses only what both loops provide, with the differences
+handled where they arise (uvloop keeps SIGCHLD for itself: the orphan reaper then uses a plain
+signal handler, see proxy.broker; uvloop raises on a write to a closed pipe, where asyncio
+drops it: proxy.appserver drops it first). The tests that touch those run on both loops."""
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
@@ -30,9 +29,9 @@ class EventLoopError(Exception):
 
 
 def choice(flag: str | None, environ: Mapping[str, str]) -> str:
-    """The loop asked for: the flag, else the variable, else asyncio's own. EventLoopError for
-    a name that is none of CHOICES."""
-    value = flag if flag else (environ.get(EVENT_LOOP_ENV) or ASYNCIO)
+    """The loop asked for: the flag, else the variable, else auto. EventLoopError for a name
+    that is none of CHOICES."""
+    value = flag if flag else (environ.get(EVENT_LOOP_ENV) or AUTO)
     value = value.strip().lower()
     if value not in CHOICES:
         source = "--event-loop" if flag else EVENT_LOOP_ENV

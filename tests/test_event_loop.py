@@ -1,11 +1,13 @@
-"""The event loop `serve` runs on: asyncio's own by default, uvloop when asked (`uvloop`, or `auto`
-where it is installed, which it is here), by `--event-loop` or CODEX_BROKER_EVENT_LOOP (the flag wins). The places where
-the two loops behave differently are tested on both where they arise (test_proxy_lifetime's
-orphan reaping, test_proxy_serve_cli's app-server exiting at once, test_jsonl_companion's ends)."""
+"""The event loop `serve` runs on: `auto` by default (uvloop where it is installed, which it is
+here, else asyncio's own), or the one asked for by `--event-loop` or CODEX_BROKER_EVENT_LOOP (the
+flag wins). The places where the two loops behave differently are tested on both where they arise
+(test_proxy_lifetime's orphan reaping, test_proxy_serve_cli's app-server exiting at once,
+test_jsonl_companion's ends, test_proxy_drain's Call pending at a stop)."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -15,7 +17,7 @@ from proxy import eventloop
 
 
 @pytest.mark.parametrize("flags, env, name", [
-    ((), {}, "asyncio"),
+    ((), {}, "uvloop"),  # auto, and uvloop is installed with the project here
     (("--event-loop", "asyncio"), {eventloop.EVENT_LOOP_ENV: "uvloop"}, "asyncio"),
     ((), {eventloop.EVENT_LOOP_ENV: "uvloop"}, "uvloop"),
     (("--event-loop", "uvloop"), {eventloop.EVENT_LOOP_ENV: "asyncio"}, "uvloop"),
@@ -50,9 +52,22 @@ def test_an_unknown_event_loop_flag_is_a_usage_error(base):
 
 
 def test_the_choice_is_the_flag_then_the_variable_then_auto():
-    assert eventloop.choice(None, {}) == eventloop.ASYNCIO
+    assert eventloop.choice(None, {}) == eventloop.AUTO
     assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: " AsyncIO "}) == eventloop.ASYNCIO
-    assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: ""}) == eventloop.ASYNCIO
+    assert eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: ""}) == eventloop.AUTO
     assert eventloop.choice("uvloop", {eventloop.EVENT_LOOP_ENV: "asyncio"}) == eventloop.UVLOOP
     with pytest.raises(eventloop.EventLoopError, match="CODEX_BROKER_EVENT_LOOP"):
         eventloop.choice(None, {eventloop.EVENT_LOOP_ENV: "tokio"})
+
+
+def test_auto_falls_back_to_asyncios_loop_where_uvloop_is_missing_and_uvloop_asked_for_is_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    name, new_loop = eventloop.factory(eventloop.AUTO)
+    assert name == "asyncio"
+    loop = new_loop()
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
+    with pytest.raises(eventloop.EventLoopError, match="uvloop is not installed"):
+        eventloop.factory(eventloop.UVLOOP)

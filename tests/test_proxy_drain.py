@@ -148,12 +148,13 @@ def test_second_sigint_stops_at_once(broker):
     assert_cleaned_up(b)
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("how", ["second SIGINT", "forced drain"])
-def test_a_call_still_pending_when_the_broker_stops_gets_an_error_reply_not_a_cancelled_rpc(broker, how):
+def test_a_call_still_pending_when_the_broker_stops_gets_an_error_reply_not_a_cancelled_rpc(broker, how, loop):
     """A Call the app-server never answers before the stop (here: it would take a minute) is
     answered by the broker once it has stopped the app-server (-32002, which a client may
     retry), not left for gRPC to cancel when the server stops."""
-    b = broker()
+    b = broker("--event-loop", loop)
 
     async def main():
         async with aio_channel(b) as channel:

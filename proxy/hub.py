@@ -734,12 +734,14 @@ class Hub:
 
     def _stream_chunk(self, body: bytes) -> bool:
         """The stream's fast path: a chunk of lines (``body``, joined by newlines) that are all
-        notifications of one thread, none of which changes what the hub tracks, for the one
-        Session that follows it (the usual chunk of a turn's deltas) is queued whole, read in
-        C passes: its UTF-8 checked at once; its values' extents, which must be its lines
-        exactly; then only method, params.threadId and id of each. False, with nothing done,
-        for any other chunk (a line that is not such a notification, not exactly one JSON
-        value, blank, for another thread or Session): the line-by-line route takes it."""
+        notifications of one thread, none of which changes what the hub tracks (the usual
+        chunk of a turn's deltas), is queued whole for each Session that follows the thread and
+        opted out of none of its methods, read in C passes: its UTF-8 checked at once; its
+        values' extents, which must be its lines exactly; then only method, params.threadId
+        and id of each. False, with nothing done, for any other chunk (a line that is not such
+        a notification, not exactly one JSON value, blank; more than one thread; a thread
+        nobody follows; a follower that opted out of some of its methods but not all): the
+        line-by-line route takes it."""
         if not body.isascii():
             try:
                 body.decode()
@@ -765,15 +767,20 @@ class Hub:
             return False
         (thread_id,) = threads
         subscribers = self.threads.get(thread_id) if thread_id else None
-        if subscribers is None or len(subscribers) != 1:
-            return False
-        (session,) = subscribers
-        if session.opt_out and not session.opt_out.isdisjoint(methods):
-            return False
+        if not subscribers:
+            return False  # no thread, or nobody follows it (kept for a sub-agent linked later)
+        receivers = []
+        for session in subscribers:
+            opt_out = session.opt_out
+            if not opt_out or opt_out.isdisjoint(methods):
+                receivers.append(session)
+            elif not methods <= opt_out:
+                return False  # it takes some of the chunk's lines and not others
         counts = self.counts
         counts.lines_from_app_server += count
         counts.bytes_from_app_server += len(body) - (count - 1)
-        session.push_lines(body)
+        for session in receivers:
+            session.push_lines(body)
         return True
 
     def _session_answer(self, line: bytes) -> bool:

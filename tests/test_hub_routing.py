@@ -272,6 +272,9 @@ def _delta(thread_id: str, i: int, **extra: Any) -> bytes:
 
 CHUNKS: dict[str, list[bytes]] = {
     "all deltas of one thread": [_delta("thr-a", i) for i in range(12)],
+    # One follower may opt out of one kind and not the other: then line by line.
+    "two kinds of delta": [note("item/agentMessage/delta" if i % 3 else "item/reasoning/textDelta", "thr-a",
+                                turnId="t1", itemId="m1", delta=f"w{i} ") for i in range(12)],
     "non-ASCII deltas": [_delta("thr-a", i, text="é—😀") for i in range(12)],
     "a line not UTF-8": [*(_delta("thr-a", i) for i in range(6)), _delta("thr-a", 6).replace(b"w6 ", b"w6 \xff"),
                          *(_delta("thr-a", i) for i in range(7, 12))],
@@ -357,7 +360,7 @@ def _world(followers: int, opt_out: bool, writes_lines: bool) -> tuple[Harness, 
 
 
 @pytest.mark.parametrize("chunk", list(CHUNKS))
-@pytest.mark.parametrize("followers, opt_out", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("followers, opt_out", [(1, False), (2, False), (1, True), (2, True)])
 @pytest.mark.parametrize("writes_lines", [False, True], ids=["messages", "lines"])
 def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out, writes_lines):
     """The chunk as the app-server's reader hands it over (its lines joined by newlines), and

@@ -38,8 +38,8 @@ requests are routed like any thread's, on the same hot path, and reach no other 
   a turn completes on it or above it), so a long-lived broker does not grow.
 
 Fast paths, each equivalent to the general route (tests/test_hub_routing.py feeds both the
-same input): a chunk of a turn's notifications for one thread and its one Session is read in
-C passes and queued whole, never cut into lines (``_stream_chunk``); a small answer that begins with its id, to a
+same input): a chunk of a turn's notifications for one thread is read in C passes and queued
+whole for each Session that follows it, never cut into lines (``_stream_chunk``); a small answer that begins with its id, to a
 Session's request, is relayed with the client's id spliced in instead of re-encoded
 (``_session_answer``). Any answer to a Session is queued before what it changes is recorded.
 

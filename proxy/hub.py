@@ -39,9 +39,10 @@ requests are routed like any thread's, on the same hot path, and reach no other 
 
 Fast paths, each equivalent to the general route (tests/test_hub_routing.py feeds both the
 same input): a chunk of a turn's notifications for one thread is read in C passes and queued
-whole for each Session that follows it, never cut into lines (``_stream_chunk``); a small answer that begins with its id, to a
-Session's request, is relayed with the client's id spliced in instead of re-encoded
-(``_session_answer``). Any answer to a Session is queued before what it changes is recorded.
+whole for each Session that follows it, never cut into lines (``_stream_chunk``); a small
+answer that begins with its id, to a Session's request, is relayed with the client's id
+spliced in instead of re-encoded (``_session_answer``). Any answer to a Session is queued
+before what it changes is recorded.
 
 Every client message comes in through ``receive`` (bytes as the client sent them), in the
 order the client sent them: read by proxy/jsonrpc.py (a few C passes over its bytes, no object
@@ -304,16 +305,13 @@ class Hub:
 
     # -- Sessions ------------------------------------------------------------------------
     def open_session(self, *, transport: str = "grpc",
-                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR, counted: bool = True,
-                     writes_lines: bool = False) -> Session:
+                     draining_error: dict[str, Any] = jsonrpc.DRAINING_ERROR, counted: bool = True) -> Session:
         """A new Session; ``transport`` names its front end, ``draining_error`` is what its new
         work gets while the broker drains (each front end has its own code). Not ``counted``: a
         connection that may only be a connect-and-close check; ``count_session`` counts it as a
-        Session once it sends something, ``close_session`` as a check if it never does.
-        ``writes_lines``: its front end writes messages one per line (see Session)."""
+        Session once it sends something, ``close_session`` as a check if it never does."""
         session = Session(uuid.uuid4().hex[:12], self._session_buffer_bytes, self._overflow,
-                          transport=transport, draining_error=draining_error, counted=counted,
-                          writes_lines=writes_lines)
+                          transport=transport, draining_error=draining_error, counted=counted)
         self.sessions[session.id] = session
         if counted:
             self.counts.sessions_opened[transport] += 1

@@ -121,8 +121,7 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's are not subclasses)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         # Counted as a Session once it sends a line: a client's connect-and-close check is not one.
-        self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR, counted=False,
-                                             writes_lines=True)
+        self.session = self.hub.open_session(transport=TRANSPORT, draining_error=DRAINING_ERROR, counted=False)
         self._task = asyncio.create_task(self._serve(self.session), name=f"jsonl {self.session.id}")
         # A task cancelled before it first runs (its Session dropped at once) skips its finally.
         self._task.add_done_callback(lambda _: self._finish(self.session) if self.session else None)

@@ -62,9 +62,6 @@ class Session:
     client_name: str = ""
     transport: str = "grpc"  # the front end's name, for Status
     counted: bool = True  # counted as a Session in the metrics (False: maybe a connect-and-close check)
-    # Its front end writes its messages one per line, joined by newlines (JSONL): a run of
-    # lines may be queued as one text (push_lines), which is written as it is.
-    writes_lines: bool = False
     # What new work gets while the broker drains: each front end says (the codes differ).
     draining_error: dict[str, Any] = field(default_factory=lambda: jsonrpc.DRAINING_ERROR)
     initialized: bool = False
@@ -81,6 +78,7 @@ class Session:
     _queued_bytes: int = 0
     _large: collections.deque[int] = field(default_factory=collections.deque)  # sizes, in queue order
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _runs: bool = False  # a run of lines (push_lines) may be among the queued texts
     # A front end that writes at once when it can (JSONL: one loop pass less per answer); it
     # takes what is queued with take_batch, in order, and leaves the rest to next_batch.
     on_push: Callable[[], None] | None = None
@@ -122,10 +120,14 @@ class Session:
         self._wake.set()
 
     def push_lines(self, body: bytes) -> None:
-        """Queues the messages of ``body``, one per line, joined by newlines: whole, for a front
-        end that writes them so (and then counted as one message in a batch), else one by one."""
-        if self.writes_lines and len(body) < LARGE_MESSAGE:
+        """Queues the messages of ``body``, one per line, joined by newlines, as one text (one
+        object, where thousands of small ones would each cost their own header): what a batch
+        holds is then a run of lines rather than one message each. No message ever holds a
+        newline of its own (each is one line of JSON), so a front end that writes lines writes
+        it as it is, and the gRPC frame splits it again (``next_frame``)."""
+        if len(body) < LARGE_MESSAGE:
             self.push_many([body])
+            self._runs = True
         else:
             self.push_many(body.split(b"\n"))
 
@@ -142,8 +144,14 @@ class Session:
 
     async def next_frame(self) -> bytes | None:
         """The next ServerFrame, encoded (proxy/frames.py); None when the Session is over."""
+        runs = self._runs
         batch = await self.next_batch()
-        return None if batch is None else encode_frame(batch)
+        if batch is None:
+            return None
+        if runs or self._runs:  # a run of lines queued whole: one message per line again
+            batch = b"\n".join(batch).split(b"\n")
+            self._runs = bool(self._queue)
+        return encode_frame(batch)
 
     async def next_batch(self) -> list[bytes] | None:
         """The oldest messages, as many as fit a batch; None when the Session is over."""

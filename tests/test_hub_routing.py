@@ -37,9 +37,9 @@ class Harness:
         """What a front end does with one client message (small: read on the loop)."""
         self.hub.route(session, jsonrpc.read_client_message(json.dumps(msg).encode()))
 
-    def session_on(self, thread_id: str, writes_lines: bool = False) -> Session:
+    def session_on(self, thread_id: str) -> Session:
         """A Session, initialized, that started ``thread_id`` (so it follows it)."""
-        session = self.hub.open_session(writes_lines=writes_lines)
+        session = self.hub.open_session()
         self.from_client(session, {"id": 1, "method": "initialize", "params": {}})
         self.from_client(session, {"id": 2, "method": "thread/start", "params": {}})
         proxy_id = self.sent[-1]["id"]
@@ -350,9 +350,19 @@ CHUNKS: dict[str, list[bytes]] = {
 }
 
 
-def _world(followers: int, opt_out: bool, writes_lines: bool) -> tuple[Harness, list[Session]]:
+async def frame_messages(session: Session) -> list[str]:
+    """What the Session's gRPC frames carry, one message each, until its queue is empty."""
+    out: list[str] = []
+    while session._queue:
+        frame = await session.next_frame()
+        assert frame is not None
+        out.extend(broker_pb2.ServerFrame.FromString(frame).messages)
+    return out
+
+
+def _world(followers: int, opt_out: bool) -> tuple[Harness, list[Session]]:
     h = Harness()
-    sessions = [h.session_on("thr-a", writes_lines) for _ in range(followers)] + [h.session_on("thr-b", writes_lines)]
+    sessions = [h.session_on("thr-a") for _ in range(followers)] + [h.session_on("thr-b")]
     if opt_out:
         sessions[0].opt_out = frozenset({"item/agentMessage/delta"})
     h.hub._begin_turn("thr-a", "t1", sessions[0])
@@ -361,20 +371,21 @@ def _world(followers: int, opt_out: bool, writes_lines: bool) -> tuple[Harness, 
 
 @pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("followers, opt_out", [(1, False), (2, False), (1, True), (2, True)])
-@pytest.mark.parametrize("writes_lines", [False, True], ids=["messages", "lines"])
-def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out, writes_lines):
+@pytest.mark.parametrize("front_end", ["gRPC", "JSON lines"])
+def test_a_chunk_of_lines_routes_exactly_as_its_lines_one_by_one(chunk, followers, opt_out, front_end):
     """The chunk as the app-server's reader hands it over (its lines joined by newlines), and
-    the same lines one at a time: the same messages to the same Sessions (for a front end that
-    writes lines, the same bytes), the same tracking and the same counts."""
-    whole, by_line = _world(followers, opt_out, writes_lines), _world(followers, opt_out, writes_lines)
+    the same lines one at a time: the same messages to the same Sessions, as a gRPC frame
+    carries them (one message each) and as the JSON-lines front end writes them (the same
+    bytes), the same tracking and the same counts."""
+    whole, by_line = _world(followers, opt_out), _world(followers, opt_out)
     whole[0].hub.from_app_server_chunk(b"\n".join(CHUNKS[chunk]))
     for one in CHUNKS[chunk]:
         by_line[0].hub.from_app_server_lines([one])
     for a, b in zip(whole[1], by_line[1], strict=True):
-        if writes_lines:
-            assert b"\n".join(a.take_batch()) == b"\n".join(b.take_batch())
+        if front_end == "gRPC":
+            assert asyncio.run(frame_messages(a)) == asyncio.run(frame_messages(b))
         else:
-            assert a.take_batch() == b.take_batch()
+            assert b"\n".join(a.take_batch()) == b"\n".join(b.take_batch())
     assert whole[0].hub.turns.keys() == by_line[0].hub.turns.keys()
     assert whole[0].hub.server_requests.keys() == by_line[0].hub.server_requests.keys()
     assert dataclasses.asdict(whole[0].hub.counts) == dataclasses.asdict(by_line[0].hub.counts)

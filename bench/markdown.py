@@ -276,7 +276,7 @@ WHY_MISSED = {
         "routing under 5 % of its samples; its CPU per round trip is grpc.aio's completion hand-off between its "
         "poller thread and the event loop. A minimal stand-in that pipes a grpc.aio Session straight to the "
         "fake, with no routing at all, measures the same latency. Tried without a lasting gain: a sync gRPC "
-        "server, uvloop (`--event-loop uvloop`, which helps the JSONL front end: it leaves this figure unchanged), "
+        "server, uvloop (the default loop since it helps the JSONL front end; it leaves this figure unchanged), "
         "disabled BDP probing, stdin writes coalesced per pass of the event loop, and grpc's "
         "`event_engine_listener` experiment turned off (unary p50 ~8 % lower, but one client's notification "
         "stream ~10 % slower, so the default stays). Reaching the target needs another transport for "
@@ -319,45 +319,55 @@ WHY_MISSED = {
         "of a slow reader, which is what the bound is about, stays under the target."),
     "JSONL: unary round trip": (
         "The fixed reference (241 us) comes from a quieter machine; the target is a ratio within one run, "
-        "and in the side-by-side runs JSONL's p50 is at the Node broker's: 0.90-1.02x over thirteen runs on "
-        "2026-11-30 (median 0.99x; it was 1.17-1.20x before this work). Over JSONL a round trip crosses the "
+        "and in the side-by-side runs JSONL's p50 is at or under the Node broker's: 0.90-1.02x over thirteen "
+        "runs on 2026-11-30 (median 0.99x; it was 1.17-1.20x before this work), and 0.81-1.24x over twelve "
+        "later runs on a noisier machine with uvloop as the default loop (median 0.90x; 0.91x in the "
+        "side-by-side run below). Over JSONL a round "
+        "trip crosses the "
         "broker with four system calls (the client's "
         "line read, written to the app-server's stdin, the answer read from its stdout, written to the socket), "
         "two of which wake another process on 2 shared cores. What the broker does around them was cut from "
         "~140 us to ~80 us of CPU per request, which is the Node broker's own: the event loop is uvloop "
-        "(opt-in, `--event-loop uvloop`; the "
+        "(the default, `auto`, where it is installed; the "
         "loop's own work per read and write in C; asyncio's loop alone cost ~30 us per request), an answer "
         "that begins with its id is relayed with the client's id spliced in and written before the bookkeeping, "
         "and an answer already written no longer wakes the connection's task (one loop pass less). The hub and "
         "the front end together cost ~16 us per request measured alone; the rest is the system calls and the "
         "wake-ups, as for any broker."),
     "JSONL: broker RSS behind a slow JSONL reader": (
-        "uvloop (the loop this report ran on) maps ~1.5 MB more of shared-library "
+        "uvloop (the default loop, which this report ran on) maps ~1.5 MB more of shared-library "
         "code into the broker (idle RSS ~49.5 MB against ~47.8 MB on asyncio's own loop, where this figure is "
         "59.5 MB). What a slow JSONL reader adds on top (~11.4 MB: its 8 MiB Session buffer, the socket's "
         "1 MiB write buffer, one batch being joined) is unchanged and bounded; the reader is dropped at its "
         "limit as designed. `--event-loop asyncio` keeps this figure under 60 MB at the cost of ~30 us of "
         "broker CPU per JSONL request."),
     "Broker start to SERVING": (
-        "Around the Node broker's 0.21 s: 197-223 ms across runs on 2026-11-30 (it was ~0.30 s before the "
+        "Around the Node broker's 0.21 s: 191-230 ms across runs on 2026-11-30 (it was ~0.30 s before the "
         "start's imports were made lazy: the JSONL front end, the token guard and the rotated log file load "
         "only when their flags ask for them, the collector is off during the start, and the table of frame "
         "prefixes is built in under 1 ms). What remains is the interpreter with grpc, protobuf and asyncio "
         "(~120 ms of imports, which run while the app-server starts) and the app-server's own start; the "
-        "side-by-side run below has it at 0.200 s against Node's 0.187 s."),
+        "side-by-side run below, on a busier machine, has it at 0.236 s against Node's 0.215 s."),
     "JSONL: notifications to one client": (
         "Three processes share 2 cores, so the CPU each spends per notification decides the rate. The bench "
         "client and the fake cost ~3.2 us each per notification, as on the direct pipe, where each has a core "
         "of its own; through the broker the three share two, so the broker's own CPU per notification sets "
-        "the ceiling: (3.2 + 3.2 + broker) / 2 us per notification. A chunk of a turn's deltas is now read in "
-        "one C pass (the lines decoded together as one JSON array, every value validated, only method and "
-        "threadId built, each line checked to be exactly one value) and queued whole, which took the hub's "
-        "routing from ~0.9 to ~0.6 us per line measured alone and the broker's CPU in a run from ~1.4 to "
-        "~1.2 us per notification: a ceiling near 77 % of "
-        "direct, measured 71-76 % on a quiet machine (direct at ~340k/s). 85 % needs the broker at ~0.5 us per "
-        "notification in a run, with the system calls, which one validating pass over each line in Python "
-        "leaves no room for. On a busy machine, where direct itself slows, the share was 95-114 %; the Node "
-        "broker's is ~45 % in the same runs."),
+        "the ceiling: (3.2 + 3.2 + broker) / 2 us per notification. The app-server's reader now hands on the "
+        "lines a read finishes as one piece, and a run of one thread's notifications is checked in C passes "
+        "where it lies (every value validated, each line exactly one value, only method and params.threadId "
+        "built, any id refused) and queued whole for each Session that follows the thread: never cut into "
+        "lines and joined again over JSONL, and the chunk's first line no longer goes out in a write of its "
+        "own. That took the broker's CPU in a run from ~1.4 to ~1.2 us per notification and the share from "
+        "~70 % to ~77 % of direct (medians of seven paired runs on 2026-11-30, uvloop; 67 % to 75 % on "
+        "asyncio's loop); this bench's runs since gave 78-84 %, the side-by-side run below 79 %. "
+        "Profiled in place (perf), the broker's ~1.3 us per notification is ~0.4 us of kernel time (the "
+        "extra pipe read and socket write, and waking the client: a hop direct does not have) and ~0.9 us of "
+        "Python, of which the two validating C passes are ~0.37 us. With the client and the fake at ~3.7 and "
+        "~3.9 us per notification in the same runs, 85 % of direct needs the whole broker at ~0.35 us per "
+        "notification, below what the extra hop costs in the kernel alone: on 2 cores no broker process in "
+        "front of the pipe reaches it (the Node broker's share is ~45 % in the same runs). With a core per "
+        "process the broker is off the critical path. On a busy machine, where direct itself slows, the "
+        "share was 95-114 %."),
     "JSONL: 16 concurrent Sessions, aggregate rate": (
         f"The fixed reference ({NODE_CONCURRENT_OK_RPS:,.0f}/s, so 3x is ~11.4k/s) was measured on a quieter "
         "machine; the target is meant as a ratio within one run. In the side-by-side run below JSONL "
@@ -374,17 +384,17 @@ WHY_MISSED = {
 # medians of PEER_RUNS runs, one after the other on one 2-core machine of this kind.
 PEER_RUN_DATE = "2026-11-30"
 PEER_RUNS = 5
-PEER_RUN_LOAD = "1.3-1.7"
+PEER_RUN_LOAD = "1.6-1.9"
 SPREAD_DATE = "2026-11-24"
 PEER_RUN: list[tuple[str, float | None, float, float, float]] = [
     # figure, direct, node, codex-broker over gRPC, codex-broker over JSONL
-    ("unary p50 (us)", 139, 285, 659, 282),
-    ("unary p99 (us)", 453, 1579, 1703, 985),
-    ("notifications/s, one 50,000-delta turn", 300_093, 142_200, 217_186, 255_088),
-    ("16 clients x 200: served of 3,200", 3200, 508, 3200, 3200),
-    ("16 clients x 200: successful req/s", 88_761, 3_776, 6_784, 19_256),
-    ("start to ready (s; the harness's own spawn included)", 0.065, 0.187, 0.205, 0.200),
-    ("broker process RSS after the workloads (MiB)", None, 97.8, 48.5, 47.8),
+    ("unary p50 (us)", 230, 386, 950, 353),
+    ("unary p99 (us)", 638, 1655, 1965, 928),
+    ("notifications/s, one 50,000-delta turn", 274_287, 130_042, 178_646, 215_540),
+    ("16 clients x 200: served of 3,200", 3200, 510, 3200, 3200),
+    ("16 clients x 200: successful req/s", 56_570, 3_191, 5_584, 15_981),
+    ("start to ready (s; the harness's own spawn included)", 0.079, 0.215, 0.241, 0.236),
+    ("broker process RSS after the workloads (MiB)", None, 100.6, 48.3, 47.8),
 ]
 
 

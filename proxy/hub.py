@@ -87,14 +87,15 @@ _SLOW_NOTIFICATIONS = _TRACKED_NOTIFICATIONS | jsonrpc.LINEAGE_METHODS
 _ITEM_NOTIFICATIONS = frozenset({"item/started", "item/completed"})
 
 
-class _Params(msgspec.Struct):
+class _Params(msgspec.Struct, gc=False):  # gc=False: str fields only, no cycles; not tracked
     threadId: str | None = None
 
 
-class _Note(msgspec.Struct):
+class _Note(msgspec.Struct, gc=False):
     """What the stream's fast path reads of a line: the rest is skipped (validated, not built).
     A line without a method or params object, or with any id (a request), fails to decode as
-    one: the chunk is no stream chunk."""
+    one: the chunk is no stream chunk. Not tracked by the collector (nothing in it can hold a
+    cycle), so a chunk's hundreds of them neither cost tracking nor set off collections."""
     method: str
     params: _Params
     id: msgspec.UnsetType = msgspec.UNSET

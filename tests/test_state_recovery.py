@@ -158,6 +158,7 @@ def test_unreadable_record_is_moved_aside_logged_and_replaced(workspace, lifecyc
 
     assert_replaced(workspace, old, new)
     assert new.verdict == "none", new
+    assert "none: broker record was corrupt" in messages(lifecycle_log), messages(lifecycle_log)
     warnings = [m for m in messages(lifecycle_log, logging.WARNING) if "was corrupt" in m]
     assert len(warnings) == 1 and what in warnings[0] and "moved aside to" in warnings[0], warnings
     moved = workspace.corrupt_files()

@@ -90,10 +90,12 @@ class Probe:
 
 
 def probe_broker(client: BrokerClient, instance_id: str, *, window: float = WEDGE_WINDOW,
-                 progress: Callable[[str], None] | None = None) -> Probe:
+                 progress: Callable[[str], None] | None = None, gone: Callable[[], bool] | None = None) -> Probe:
     """Status, then Health, retried across ``window`` while nothing answers. An answer of any
     kind is life: a Status error other than UNAVAILABLE or a timeout, or a Health that does not
-    answer once Status has, reads as NOT_SERVING (unhealthy, never wedged)."""
+    answer once Status has, reads as NOT_SERVING (unhealthy, never wedged). ``gone``: whether
+    the broker's process has exited; asked after each refused connect, it ends the probe early
+    (a broker stopping by itself removes its socket a moment before it exits)."""
     start = time.monotonic()
     deadline = start + window
     status, responded, attempts = None, False, 0
@@ -107,6 +109,8 @@ def probe_broker(client: BrokerClient, instance_id: str, *, window: float = WEDG
         except RpcFailed:
             responded = True
         except ConnectError:
+            if gone is not None and gone():
+                break
             time.sleep(max(0.0, min(RETRY_PAUSE, deadline - time.monotonic())))
         except CallTimeout:
             pass
@@ -150,9 +154,15 @@ def observe(record: BrokerRecord | None, *, env: Mapping[str, str], wanted_comma
             and identity.runs_instance(record.pid, record.instance_id))
     probe = Probe()
     if same:
+        def gone() -> bool:
+            return not identity.is_same_process(record.pid, record.create_time)
+
         with BrokerClient(record.endpoint) as client:
             probe = probe_broker(client, record.instance_id, window=_window(record, spawn_deadline, window),
-                                 progress=progress)
+                                 progress=progress, gone=gone)
+        if probe.status is None and gone():  # it exited while it was tried: dead, not wedged
+            alive = identity.process_create_time(record.pid) is not None
+            same = False
     status: Any = probe.status
     return Observation(record_present=True, record_corrupt=False, pid_alive=alive, create_time_matches=same,
                        status_answered=status is not None,

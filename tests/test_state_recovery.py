@@ -190,6 +190,35 @@ def test_record_naming_a_deleted_socket_is_wedged_killed_and_replaced(workspace,
     assert history[-1].reason.startswith("wedged:")
 
 
+def test_a_broker_that_exits_while_it_is_probed_is_dead_not_wedged(workspace, lifecycle_log):
+    """A broker stopping by itself (its app-server died) removes its socket a moment before it
+    exits; a client that re-ensures in between finds it alive and unreachable. Here its socket
+    is removed and, once the probe has reported a second of silence, the broker is killed: the
+    probe ends there and the verdict is dead (recorded as such), not wedged after the whole
+    wedge window."""
+    old = workspace.ensure()
+    record = workspace.state.read()
+    assert record is not None
+    os.unlink(old.endpoint.removeprefix("unix:"))  # alive, and nobody can reach it
+    told: list[str] = []
+
+    def progress(message: str) -> None:
+        if not told:  # the probe has tried for a second: now the broker exits
+            assert identity.signal_verified(old.pid, record.create_time, signal.SIGKILL)
+        told.append(message)
+
+    new = ensure_broker(workspace.path, progress=progress)
+    workspace.brokers.append(new)
+
+    assert told, "the probe never reported its wait"
+    assert_replaced(workspace, old, new)
+    assert new.verdict == "dead", new
+    decisions = messages(lifecycle_log)
+    assert not any(m.startswith("wedged:") for m in decisions), decisions
+    assert workspace.state.history()[-1].reason.startswith("dead:")
+    assert not os.path.exists(record.session_dir), "its session directory was not removed"
+
+
 def test_record_naming_a_dead_broker_is_cleaned_and_replaced(workspace, lifecycle_log):
     old = workspace.ensure()
     record = workspace.state.read()

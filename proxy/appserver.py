@@ -97,7 +97,7 @@ class LineSplitter:
             body = bytes(self._buf)
             self._buf.clear()
         else:
-            body = data[:last] if last < len(data) - 1 else data[:-1]
+            body = data[:last]
         self._buf += memoryview(data)[last + 1:]
         if len(body) <= self._max:  # no line of it can be over the limit
             if body and not body.isspace():

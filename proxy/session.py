@@ -144,11 +144,10 @@ class Session:
 
     async def next_frame(self) -> bytes | None:
         """The next ServerFrame, encoded (proxy/frames.py); None when the Session is over."""
-        runs = self._runs
         batch = await self.next_batch()
         if batch is None:
             return None
-        if runs or self._runs:  # a run of lines queued whole: one message per line again
+        if self._runs:  # a run of lines queued whole (the flag is cleared only here): one message per line again
             batch = b"\n".join(batch).split(b"\n")
             self._runs = bool(self._queue)
         return encode_frame(batch)

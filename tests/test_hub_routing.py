@@ -66,6 +66,16 @@ def note(method: str, thread_id: str, **params: Any) -> bytes:
     return line({"method": method, "params": {"threadId": thread_id, **params}})
 
 
+async def frame_messages(session: Session) -> list[str]:
+    """What the Session's gRPC frames carry, one message each, until its queue is empty."""
+    out: list[str] = []
+    while session._queue:
+        frame = await session.next_frame()
+        assert frame is not None
+        out.extend(broker_pb2.ServerFrame.FromString(frame).messages)
+    return out
+
+
 def test_interleaved_threads_reach_only_their_sessions_in_order_with_turns_tracked():
     h = Harness()
     a, b = h.session_on("thr-a"), h.session_on("thr-b")
@@ -154,15 +164,7 @@ def test_a_big_response_amid_deltas_is_relayed_in_order_under_the_clients_id_wit
         h.hub.from_app_server_chunk(b"\n".join(lines))
     assert from_envelope == [len(big)]
 
-    async def texts() -> list[str]:
-        out: list[str] = []
-        while s._queue:
-            frame = await s.next_frame()
-            assert frame is not None
-            out.extend(broker_pb2.ServerFrame.FromString(frame).messages)
-        return out
-
-    before, relayed, after = asyncio.run(texts())
+    before, relayed, after = asyncio.run(frame_messages(s))
     assert json.loads(before)["params"]["delta"] == "before" and json.loads(after)["params"]["delta"] == "after"
     assert relayed == '{"id":"mine","result":{"thread":{"id":"thr-new"},"x":[' + numbers + "]}}"
     assert "thr-new" in s.threads  # the result's thread id was read from the envelope
@@ -348,16 +350,6 @@ CHUNKS: dict[str, list[bytes]] = {
     "no thread at all (to everyone)": [line({"method": "account/updated", "params": {"n": i}}) for i in range(12)],
     "a thread nobody follows": [_delta("thr-z", i) for i in range(12)],
 }
-
-
-async def frame_messages(session: Session) -> list[str]:
-    """What the Session's gRPC frames carry, one message each, until its queue is empty."""
-    out: list[str] = []
-    while session._queue:
-        frame = await session.next_frame()
-        assert frame is not None
-        out.extend(broker_pb2.ServerFrame.FromString(frame).messages)
-    return out
 
 
 def _world(followers: int, opt_out: bool) -> tuple[Harness, list[Session]]:

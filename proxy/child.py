@@ -1,6 +1,7 @@
 """Spawning the app-server: its own session (so its whole process group can be stopped),
 pipes on its stdio, and death with the broker (Linux PR_SET_PDEATHSIG, even if the broker is
-SIGKILLed). And making `serve` a child subreaper (Linux PR_SET_CHILD_SUBREAPER), so the
+SIGKILLed), under the scheduling policy the broker was started with (see ``proxy.scheduling``).
+And making `serve` a child subreaper (Linux PR_SET_CHILD_SUBREAPER), so the
 app-server's descendants that leave its process group (setsid) are reparented to the broker
 when their parent dies, and the broker can stop them (see ``proxy.reaper``). A SIGKILLed
 broker cannot: such a descendant then outlives it (only the app-server has the death signal).
@@ -15,6 +16,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 
+from proxy import scheduling
 from proxy.config import ConfigError
 from proxy.sdnotify import child_environment
 
@@ -30,10 +32,13 @@ except OSError:  # pragma: no cover - not Linux
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with the broker (Linux), even by SIGKILL."""
+    """Runs in the child between fork and exec: back under the scheduling policy the broker was
+    started with (proxy.scheduling); die with the broker (Linux), even by SIGKILL."""
     prctl = getattr(_libc, "prctl", None)
+    policy = scheduling.child_policy()
 
     def setup() -> None:
+        scheduling.restore_in_child(policy)
         if prctl is not None:
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent_pid:  # the broker died before prctl took effect

@@ -164,11 +164,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"codex-broker serve: {message}", file=sys.stderr, flush=True)
         return code
 
-    from proxy import eventloop
+    from proxy import eventloop, scheduling
 
     try:
         loop_choice = eventloop.choice(args.event_loop, os.environ)
-    except eventloop.EventLoopError as exc:
+        cpu_scheduling = scheduling.choice(args.cpu_scheduling, os.environ)
+    except (eventloop.EventLoopError, scheduling.SchedulingError) as exc:
         return refuse(str(exc), 2)
     cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     if not os.path.isdir(cwd):
@@ -199,6 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # noted, never raised (see the docstring)
         signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
     child = None
+    scheduled = scheduling.apply(cpu_scheduling)  # before any thread starts: they all inherit it
     try:
         subreaper = child_process.become_subreaper()  # before the spawn: the app-server's orphans come here
         try:
@@ -224,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
             files.remove()
             return refuse(str(exc), 2)
         log.info("event loop: %s", loop_name)
+        log.info("cpu scheduling: %s", scheduled)
         try:
             broker = Broker(config, files=files, child=child, early_signals=early_signals, subreaper=subreaper)
             return eventloop.run(_run_broker(broker), new_loop)

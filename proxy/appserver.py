@@ -6,9 +6,7 @@ whole group).
 The child is a plain ``subprocess.Popen`` (see ``proxy.child``; `serve` spawns it before the
 broker's heavy imports) whose pipes are attached to the event loop here. Reading is a protocol
 rather than a StreamReader: every chunk is split and handed to the hub synchronously, so a
-burst of notifications costs no await per line. The exit is watched on a pidfd. Its stdout
-pipe holds STDOUT_PIPE_BYTES (Linux), so a streaming app-server keeps writing while the broker
-waits for a core, and the broker then takes what piled up in one read (see proxy.scheduling).
+burst of notifications costs no await per line. The exit is watched on a pidfd.
 
 The app-server is gone when it has exited or when it has closed its stdout (nothing it could
 still do would reach anyone): ``wait_gone`` returns on whichever comes first, then waits a
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fcntl
 import functools
 import logging
 import os
@@ -38,15 +35,6 @@ STDERR_BURST = 200  # ... with bursts up to this many; the rest are counted and 
 STDERR_SUMMARY_EVERY = 5.0  # seconds between summaries of dropped lines while they are dropped
 STDOUT_AFTER_EXIT = 1.0  # after the exit, how long the rest of stdout may take (a descendant may hold it)
 EXIT_AFTER_EOF = 0.5  # after stdout closed, how long to wait for the exit (for its status)
-# The capacity of the app-server's stdout pipe (Linux's default is 64 KiB): what the app-server
-# can write ahead of the broker. Under SCHED_BATCH the broker waits for a free core before it
-# reads, and on two cores a 64 KiB pipe fills meanwhile (a turn streams ~50 MB/s), so the
-# app-server stalled with the broker not yet running; with 256 KiB one client's stream went from
-# ~86 % to ~94 % of a direct pipe's (docs/BENCHMARKS.md). Pages are taken only as data waits in
-# the pipe. The capacity counts against the user's pipe-user-pages-soft (64 MiB by default):
-# 256 KiB lets a user run hundreds of brokers before that limit is near. Refused (that limit
-# reached, or no F_SETPIPE_SZ): the default pipe, said in the log.
-STDOUT_PIPE_BYTES = 256 << 10
 
 
 class RateLimit:
@@ -128,19 +116,6 @@ class LineSplitter:
             self._buf.clear()
 
 
-def _widen_pipe(fd: int, size: int) -> None:
-    """Gives the pipe ``fd`` a capacity of ``size`` bytes where that can be had; said in the log
-    where it cannot (the broker runs on with the pipe it has)."""
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if set_size is None:
-        return  # not Linux
-    try:
-        fcntl.fcntl(fd, set_size, size)
-    except OSError as exc:
-        log.info("the app-server's stdout pipe keeps its default capacity: %d bytes refused (%s)", size,
-                 exc.strerror)
-
-
 def _stderr_text(raw: bytes | bytearray) -> str:
     line = raw[:STDERR_LINE_MAX * 4].decode("utf-8", "replace").rstrip()
     return f"{line[:STDERR_LINE_MAX]}... ({len(raw)} bytes)" if len(line) > STDERR_LINE_MAX else line
@@ -199,7 +174,6 @@ class AppServerProcess:
             child = child_process.spawn(self.argv, cwd=self.cwd, env=self.env)
         assert child.stdin is not None and child.stdout is not None and child.stderr is not None
         self._popen, self.pid = child, child.pid
-        _widen_pipe(child.stdout.fileno(), STDOUT_PIPE_BYTES)
         loop = asyncio.get_running_loop()
         try:
             stdin, _ = await loop.connect_write_pipe(_WriteSide, child.stdin)

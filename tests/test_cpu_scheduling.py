@@ -1,21 +1,18 @@
-"""How `serve` is set up to relay a stream. The CPU scheduling policy it runs under: SCHED_BATCH by
-default (every thread of the broker), the app-server under the policy the broker was started
-with; `--cpu-scheduling normal` or CODEX_BROKER_CPU_SCHEDULING=normal (the flag wins) leaves the
-policy as started, and a broker started under another policy than the normal one keeps it. And
-the capacity of the app-server's stdout pipe. What these are for is measured in bench/
-(docs/BENCHMARKS.md), not here."""
+"""The CPU scheduling policy `serve` runs under: SCHED_BATCH by default (every thread of the
+broker), the app-server under the policy the broker was started with; `--cpu-scheduling normal`
+or CODEX_BROKER_CPU_SCHEDULING=normal (the flag wins) leaves the policy as started, and a broker
+started under another policy than the normal one keeps it. What the policy is for is measured in
+bench/ (docs/BENCHMARKS.md), not here."""
 from __future__ import annotations
 
-import fcntl
 import json
-import logging
 import os
 import sys
 
 import pytest
 from harness import error_lines, fake_command, new_marker, processes_with, run_serve
 
-from proxy import appserver, scheduling
+from proxy import scheduling
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
 
@@ -108,39 +105,3 @@ def test_the_choice_is_the_flag_then_the_variable_then_batch():
 def test_policy_names_ignore_the_reset_on_fork_flag():
     assert scheduling.policy_name(os.SCHED_BATCH) == "batch"
     assert scheduling.policy_name(os.SCHED_OTHER | getattr(os, "SCHED_RESET_ON_FORK", 0)) == "other"
-
-
-def pipe_capacity(pid: int, fd: int) -> int:
-    """The capacity of the pipe that is ``fd`` of process ``pid`` (opened as a writer that
-    writes nothing: the reader's data is left alone)."""
-    mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
-    try:
-        return fcntl.fcntl(mine, fcntl.F_GETPIPE_SZ)
-    finally:
-        os.close(mine)
-
-
-def test_the_app_servers_stdout_pipe_holds_256_kib(broker):
-    b = broker()
-    check_serves(b)
-    assert pipe_capacity(b.status().app_server_pid, 1) == appserver.STDOUT_PIPE_BYTES == 256 << 10
-
-
-def test_a_pipe_capacity_refused_leaves_the_default_and_says_so(monkeypatch, caplog):
-    def refuse(fd: int, cmd: int, arg: int = 0) -> int:
-        raise PermissionError(1, "Operation not permitted")
-
-    read_end, write_end = os.pipe()
-    try:
-        default = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
-        monkeypatch.setattr(appserver.fcntl, "fcntl", refuse)
-        with caplog.at_level(logging.INFO, logger="codex_broker.proxy"):
-            appserver._widen_pipe(read_end, appserver.STDOUT_PIPE_BYTES)
-        monkeypatch.undo()
-        assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == default
-        assert "keeps its default capacity: 262144 bytes refused (Operation not permitted)" in caplog.text
-        appserver._widen_pipe(read_end, appserver.STDOUT_PIPE_BYTES)
-        assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == appserver.STDOUT_PIPE_BYTES
-    finally:
-        os.close(read_end)
-        os.close(write_end)

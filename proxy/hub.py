@@ -67,7 +67,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import msgspec
 from orjson import loads as _orjson_loads
@@ -104,6 +104,25 @@ class _Note(msgspec.Struct, gc=False):
 _NOTE = msgspec.json.Decoder(_Note)
 _VALUE = msgspec.json.Decoder(msgspec.Raw)  # a value's own text: where it begins and ends
 STREAM_CHUNK = 1024  # bytes in a chunk of several lines from which the stream's fast path is tried
+_UNIFORM: dict[tuple[str, str], msgspec.json.Decoder[Any]] = {}  # see _uniform_decoder
+_UNIFORM_MAX = 64  # decoders kept (a few per running turn: one per kind of delta); then forgotten at once
+
+
+def _uniform_decoder(method: str, thread_id: str) -> msgspec.json.Decoder[Any]:
+    """A decoder of notifications ``method`` of ``thread_id`` and nothing else: any other line,
+    a _Note or not, fails to decode. Both are literals, matched where they lie: no string is
+    built or hashed per line, and a uniform chunk (the usual run of one kind of delta) needs no
+    pass over its notes in Python."""
+    decoder = _UNIFORM.get((method, thread_id))
+    if decoder is None:
+        if len(_UNIFORM) >= _UNIFORM_MAX:
+            _UNIFORM.clear()
+        literal = cast(Any, Literal)
+        params = msgspec.defstruct("_ParamsOf", [("threadId", literal[thread_id])], gc=False)
+        note = msgspec.defstruct("_NoteOf", [("method", literal[method]), ("params", params),
+                                             ("id", msgspec.UnsetType, msgspec.UNSET)], gc=False)
+        decoder = _UNIFORM[(method, thread_id)] = msgspec.json.Decoder(note)
+    return decoder
 
 
 def _plain_item(method: str, msg: dict[str, Any]) -> bool:
@@ -735,12 +754,24 @@ class Hub:
         """The stream's fast path: a chunk of lines (``body``, joined by newlines) that are all
         notifications of one thread, none of which changes what the hub tracks (the usual
         chunk of a turn's deltas), is queued whole for each Session that follows the thread and
-        opted out of none of its methods, read in C passes: its UTF-8 checked at once; its
-        values' extents, which must be its lines exactly; then only method, params.threadId
-        and id of each. False, with nothing done, for any other chunk (a line that is not such
+        opted out of none of its methods, read in C passes: its first line, for the thread
+        and method; its UTF-8 checked at once; its values' extents, which must be its lines
+        exactly; then only method, params.threadId and id of each, matched against the first
+        line's as literals (``_uniform_decoder``), or, where they are not all alike, built and
+        compared here. False, with nothing done, for any other chunk (a line that is not such
         a notification, not exactly one JSON value, blank; more than one thread; a thread
         nobody follows; a follower that opted out of some of its methods but not all): the
         line-by-line route takes it."""
+        try:  # the first line names the one thread and, usually, the one method of them all
+            first = _NOTE.decode(body[:body.find(b"\n")])
+        except msgspec.MsgspecError:
+            return False
+        method, thread_id = first.method, first.params.threadId
+        if not thread_id or method in _SLOW_NOTIFICATIONS:
+            return False
+        subscribers = self.threads.get(thread_id)
+        if not subscribers:
+            return False  # nobody follows it (kept for a sub-agent linked later)
         if not body.isascii():
             try:
                 body.decode()
@@ -755,19 +786,17 @@ class Hub:
             count = len(values)
             if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
                 return False
-            notes = _NOTE.decode_lines(body)
+            try:
+                _uniform_decoder(method, thread_id).decode_lines(body)
+                methods = {method}
+            except msgspec.ValidationError:  # not all alike: each note read, then checked here
+                notes = _NOTE.decode_lines(body)
+                methods = {note.method for note in notes}
+                if not methods.isdisjoint(_SLOW_NOTIFICATIONS) or {note.params.threadId for note in notes} != {
+                        thread_id}:
+                    return False
         except msgspec.MsgspecError:
             return False
-        methods = {note.method for note in notes}
-        if not methods.isdisjoint(_SLOW_NOTIFICATIONS):
-            return False
-        threads = {note.params.threadId for note in notes}
-        if len(threads) != 1:
-            return False
-        (thread_id,) = threads
-        subscribers = self.threads.get(thread_id) if thread_id else None
-        if not subscribers:
-            return False  # no thread, or nobody follows it (kept for a sub-agent linked later)
         receivers = []
         for session in subscribers:
             opt_out = session.opt_out

@@ -347,6 +347,13 @@ CHUNKS: dict[str, list[bytes]] = {
     "a delta whose params are null": [*(_delta("thr-a", i) for i in range(6)),
                                       b'{"method":"item/agentMessage/delta","params":null}',
                                       *(_delta("thr-a", i) for i in range(7, 12))],
+    # The first line names the thread and the method the rest are matched against.
+    "the first line another thread's": [_delta("thr-b", 0), *(_delta("thr-a", i) for i in range(1, 12))],
+    "the first line not JSON": [b"{not json", *(_delta("thr-a", i) for i in range(1, 12))],
+    "the first line of another kind": [note("item/reasoning/textDelta", "thr-a", turnId="t1", itemId="r1",
+                                            delta="r0 "), *(_delta("thr-a", i) for i in range(1, 12))],
+    "only turn ends, all alike (a method the hub tracks)": [
+        note("turn/completed", "thr-a", turn={"id": "t1", "status": "completed", "n": i}) for i in range(12)],
     "no thread at all (to everyone)": [line({"method": "account/updated", "params": {"n": i}}) for i in range(12)],
     "a thread nobody follows": [_delta("thr-z", i) for i in range(12)],
 }

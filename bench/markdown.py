@@ -267,6 +267,28 @@ def _memory(r: dict[str, Any]) -> list[str]:
 
 # Why a target is missed, by the figure it concerns: what the profile of the broker shows and
 # what was done about it (kept next to the report so a new run states it again).
+STREAM_RELAY = (
+    "How the JSONL stream reaches its share: the app-server's reader hands on the lines a read finishes as one "
+    "piece; a run of one thread's notifications is checked in C passes where it lies (every value validated, "
+    "each line exactly one value, only method and params.threadId read, any id refused) and queued whole for "
+    "each Session that follows the thread, never cut into lines and joined again. That took the broker from "
+    "~1.4 to ~1.0 us of CPU per notification and the share from ~70 % to ~78 % of direct. Then scheduling: "
+    "under the normal policy each write of the app-server woke the broker at once, preempting the client or "
+    "the fake to relay a few kilobytes, and those switches were the broker's largest cost (perf: ~0.4 us of "
+    "kernel time per notification). While the app-server writes 1 MiB/s or more, the broker's event loop now "
+    "runs under SCHED_BATCH (`--cpu-scheduling batch`, the default; no preemption on wake-up; the app-server "
+    "is never switched): it relays what piled up when a core comes free, ~300 notifications per read instead "
+    "of ~70, and its CPU per notification fell to ~0.75-0.85 us. Between streams it is back under the normal "
+    "policy: under batch a request's round trip was ~5-10 % slower (9 of 10 paired runs; the woken broker "
+    "waits on the client's core for the client to block instead of preempting it). Last, a chunk's notes are "
+    "matched against its first line's thread and method as literals (no string built or hashed per line when "
+    "they are all alike, as a run of deltas is): ~0.6-0.8 us. Together: ~85-91 % of direct in this bench's "
+    "paired runs and 81-93 % side by side with the Node broker (median 87 %; Node ~48 %). "
+    "Tried and dropped: a larger stdout pipe for the app-server (256 KiB: ~93 % of direct), because it let "
+    "the fake run further ahead of a Python client reading at full speed, which then fell 8 MiB behind on a "
+    "1,000,000-delta turn and was dropped; with the default 64 KiB pipe the broker queued nothing for it on "
+    "1,000,000- and 3,000,000-delta turns.")
+
 WHY_MISSED = {
     "Unary round trip": (
         "The round trip crosses two grpc.aio endpoints written in Python (the bench client and the broker) "
@@ -349,27 +371,11 @@ WHY_MISSED = {
         "(~120 ms of imports, which run while the app-server starts) and the app-server's own start; the "
         "side-by-side run below, on a busier machine, has it at 0.236 s against Node's 0.215 s."),
     "JSONL: notifications to one client": (
-        "Three processes share 2 cores, so the CPU each spends per notification decides the rate. The bench "
-        "client and the fake cost ~3.2 us each per notification, as on the direct pipe, where each has a core "
-        "of its own; through the broker the three share two, so the broker's own CPU per notification sets "
-        "the ceiling: (3.2 + 3.2 + broker) / 2 us per notification. The app-server's reader now hands on the "
-        "lines a read finishes as one piece, and a run of one thread's notifications is checked in C passes "
-        "where it lies (every value validated, each line exactly one value, only method and params.threadId "
-        "built, any id refused) and queued whole for each Session that follows the thread: never cut into "
-        "lines and joined again over JSONL, and the chunk's first line no longer goes out in a write of its "
-        "own; the structs read per line are not tracked by the collector. That took the broker's CPU in a "
-        "run from ~1.4 to ~1.0 us per notification and the share from ~70 % to ~77 % of direct (medians of "
-        "paired runs on 2026-11-30, uvloop; 67 % to 75 % on asyncio's loop); this bench's runs since gave "
-        "78-84 %, the side-by-side runs 78-79 %. "
-        "Profiled in place (perf, before the last step), the broker's ~1.3 us per notification was ~0.4 us "
-        "of kernel time (the extra pipe read and socket write, and waking the client: a hop direct does not "
-        "have) and ~0.9 us of Python, of which the two validating C passes are ~0.33 us. With the client and "
-        "the fake at ~3.7 and "
-        "~3.9 us per notification in the same runs, 85 % of direct needs the whole broker at ~0.35 us per "
-        "notification, below what the extra hop costs in the kernel alone: on 2 cores no broker process in "
-        "front of the pipe reaches it (the Node broker's share is ~45 % in the same runs). With a core per "
-        "process the broker is off the critical path. On a busy machine, where direct itself slows, the "
-        "share was 95-114 %."),
+        "Three processes share 2 cores, so the CPU each spends per notification, and how well the three are "
+        "scheduled on the two cores, decide the rate; the bench client and the fake cost ~3.5 us each per "
+        "notification, as on the direct pipe, where each has a core of its own. " + STREAM_RELAY + " The "
+        "figure swings between runs on this shared machine (81-94 % on 2026-11-30); a run under the target is "
+        "one of those swings."),
     "JSONL: 16 concurrent Sessions, aggregate rate": (
         f"The fixed reference ({NODE_CONCURRENT_OK_RPS:,.0f}/s, so 3x is ~11.4k/s) was measured on a quieter "
         "machine; the target is meant as a ratio within one run. In the side-by-side run below JSONL "
@@ -454,6 +460,9 @@ def _notes(r: dict[str, Any]) -> list[str]:
              f"1-minute load average was {meta.get('load_average_at_start', 0):.1f} when this run started and "
              f"{meta.get('load_average_at_end', 0):.1f} when it ended. Compare ratios within one run rather than "
              "absolute figures across runs."]
+    if not any(t["figure"].startswith("JSONL: notifications to one client") and verdict(t) == "MISS"
+               for t in r.get("targets", [])):
+        notes.append("- JSONL: notifications to one client. " + STREAM_RELAY)  # else said under the miss
     if slow.get("item_completed_text_bytes"):
         text = (f"- The slow-reader turn ends with one `item/completed` carrying the whole text "
                 f"({slow['item_completed_text_bytes'] / 1e6:.1f} MB for {slow.get('deltas', 0):,} deltas; the real "

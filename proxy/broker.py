@@ -53,7 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from protos import broker_pb2, broker_pb2_grpc
-from proxy import __version__, jsonrpc
+from proxy import __version__, jsonrpc, scheduling
 from proxy import child as child_process
 from proxy.appserver import AppServerProcess
 from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError, parse_tcp_endpoint
@@ -116,6 +116,7 @@ class Broker:
         self.hub = Hub(send=self._send, stdin_backlog=self._stdin_backlog,
                        session_buffer_bytes=config.session_buffer_bytes, on_change=self._changed)
         self.app: AppServerProcess | None = None
+        self.pacer: scheduling.StreamPacer | None = None  # see _start_app_server
         self.app_server_create_time_ms = 0
         self.health = HealthMonitor(self.hub, interval=config.probe_interval, hang_after=config.probe_timeout,
                                     method=config.probe_method, accepting=lambda: self.accepting,
@@ -297,7 +298,15 @@ class Broker:
 
     async def _start_app_server(self) -> None:
         cfg = self.config
-        app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_chunk=self.hub.from_app_server_chunk,
+        self.pacer = pacer = scheduling.StreamPacer(asyncio.get_running_loop())
+        on_chunk = self.hub.from_app_server_chunk
+        if pacer.enabled:  # the stream's rate decides the event loop's scheduling policy
+            route, saw = on_chunk, pacer.saw
+
+            def on_chunk(body: bytes) -> None:
+                saw(len(body))
+                route(body)
+        app = AppServerProcess(cfg.app_server, cwd=cfg.cwd, env=None, on_chunk=on_chunk,
                                max_line=cfg.max_line_bytes)
         child, self._child = self._child, None
         await app.start(child)  # ConfigError when the command cannot run; the child is gone on failure
@@ -667,6 +676,8 @@ class Broker:
                              extra={"event": "stopped", "fields": {"exit_code": self._exit_code}})
 
     async def _stop_children(self) -> None:
+        if self.pacer is not None:
+            self.pacer.close()
         if self.app is not None:
             # a stopped or hung child ignores stdin EOF and SIGTERM
             wedged = self._app_wedged or self.health.wedged()

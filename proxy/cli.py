@@ -200,7 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # noted, never raised (see the docstring)
         signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
     child = None
-    scheduled = scheduling.apply(cpu_scheduling)  # before any thread starts: they all inherit it
+    scheduled = scheduling.prepare(cpu_scheduling)  # here: the thread that runs the event loop
     try:
         subreaper = child_process.become_subreaper()  # before the spawn: the app-server's orphans come here
         try:

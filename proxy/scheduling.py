@@ -1,41 +1,53 @@
-"""The CPU scheduling policy `serve` runs under (Linux).
+"""The CPU scheduling policy of the broker's event loop (Linux): SCHED_BATCH while the
+app-server streams fast, the normal policy otherwise.
 
-``batch`` by default: the broker puts itself under SCHED_BATCH, and its app-server is spawned
-under the policy the broker was started with. ``serve --cpu-scheduling batch|normal`` or the
-same in CODEX_BROKER_CPU_SCHEDULING chooses; ``normal`` leaves the policy as it was started.
+``batch`` by default: `serve --cpu-scheduling batch|normal` or the same in
+CODEX_BROKER_CPU_SCHEDULING chooses; ``normal`` never changes the policy.
 
-Why: a broker is a relay between two busy processes, the app-server writing a turn's
-notifications and the client reading them. Under the normal policy the kernel lets a process
-that wakes up preempt one that is running, so each write of the app-server woke the broker at
-once, to relay a few kilobytes, taking a core from the app-server or the client each time. On a
-machine with fewer cores than busy processes, those switches are the broker's largest cost
-per notification. SCHED_BATCH is the normal policy without that preemption on wake-up: the
-broker runs when a core comes free (at once, on a machine with an idle core, so a request's
-round trip is unchanged there) and relays what has piled up meanwhile in one go. On two cores
-that cut the broker's CPU per relayed notification by about a third and raised one client's
-notification stream from ~78 % to ~84 % of a direct pipe's (docs/BENCHMARKS.md). Its priority
-(nice value) is unchanged.
+Why: while a turn streams, a broker is a relay between two busy processes, the app-server
+writing notifications and the client reading them. Under the normal policy the kernel lets a
+process that wakes up preempt the one running, so each write of the app-server woke the broker
+at once to relay a few kilobytes, taking a core from the app-server or the client each time; on
+a machine with fewer cores than busy processes those switches were the broker's largest cost per
+notification. SCHED_BATCH is the normal policy without that preemption on wake-up: the broker
+runs when a core comes free and relays what piled up meanwhile in one go, ~300 notifications per
+read instead of ~70. On two cores that cut the broker's CPU per relayed notification by a fifth
+to a third and raised one client's stream from ~78 % to ~85 % of a direct pipe's
+(docs/BENCHMARKS.md).
 
-Only a broker started under the normal policy (SCHED_OTHER) changes it: one started under
-another (batch already, idle, real-time: ``chrt``, systemd's CPUSchedulingPolicy=) is left as
-it is. A thread's policy is its own, and threads inherit it from the thread that starts them:
-`serve` sets it first thing, before any thread of its own starts, so all of them run under it.
-The app-server, started by fork and exec, would inherit it too: ``child_policy`` is what the
+Between streams it costs: a request's round trip was ~5-10 % slower under batch (the broker,
+woken by the client's write on the client's core, waits for the client to block instead of
+preempting it). So the event loop's thread is under batch only while the app-server writes at
+least STREAM_RATE bytes per second (a flood of deltas, a command's large output; a model's own
+streaming is far below it), measured over WINDOW, and back under the normal policy once a
+WINDOW passes below that rate (``StreamPacer``). Only that thread switches (a thread's policy is
+its own): it reads the app-server and does all the routing. Its nice value never changes.
+
+Only a broker started under the normal policy (SCHED_OTHER) switches: one started under another
+(batch already, idle, real-time: ``chrt``, systemd's CPUSchedulingPolicy=) is left as it is.
+A child spawned while the thread is under batch would inherit it: ``child_policy`` is what the
 spawn puts back in the child (proxy/child.py), so the app-server and everything it runs are
-scheduled as they would be without codex-broker."""
+always scheduled as they would be without codex-broker."""
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+log = logging.getLogger("codex_broker.proxy")
 
 CPU_SCHEDULING_ENV = "CODEX_BROKER_CPU_SCHEDULING"
 BATCH, NORMAL = "batch", "normal"
 CHOICES = (BATCH, NORMAL)
+STREAM_RATE = 1 << 20  # bytes per second of app-server output from which the loop runs under batch
+WINDOW = 0.25  # seconds over which that rate is measured
 
 _POLICY_NAMES = {getattr(os, name): name[6:].lower()
                  for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
                  if hasattr(os, name)}
-_for_children: int | None = None  # the policy the broker was started with, once it changed its own
+_may_switch = False  # `serve` asked for batch, and started under the normal policy (see ``prepare``)
+_switched = False  # the event loop's thread is under batch now
 
 
 class SchedulingError(Exception):
@@ -59,11 +71,10 @@ def policy_name(policy: int) -> str:
     return _POLICY_NAMES.get(policy & ~reset_on_fork, str(policy))
 
 
-def apply(asked: str) -> str:
-    """Puts this thread (the process, when it has no other thread yet) under ``asked``; what
-    it runs under then, said for the log. Never fails: where the policy cannot be had (not
-    Linux, refused), the broker runs as it was started, and says so."""
-    global _for_children
+def prepare(asked: str) -> str:
+    """Called by `serve` (in the thread that runs the event loop) before the loop starts: whether
+    the loop may switch to batch while the app-server streams, said for the log."""
+    global _may_switch
     if not hasattr(os, "sched_getscheduler") or not hasattr(os, "SCHED_BATCH"):
         return "as started (this platform has no scheduling policies)"
     started = os.sched_getscheduler(0)
@@ -71,18 +82,27 @@ def apply(asked: str) -> str:
         return f"as started ({policy_name(started)})"
     if started != os.SCHED_OTHER:
         return f"as started ({policy_name(started)}, which batch does not replace)"
+    _may_switch = True
+    return (f"batch while the app-server streams ({STREAM_RATE >> 20} MiB/s or more), else other; "
+            "the app-server always other")
+
+
+def _switch(batch: bool) -> bool:
+    """Puts this thread under batch or back under the normal policy; False where refused."""
+    global _switched
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH if batch else os.SCHED_OTHER, os.sched_param(0))
     except OSError as exc:
-        return f"as started ({policy_name(started)}; batch was refused: {exc.strerror})"
-    _for_children = started
-    return f"batch (the app-server runs as the broker was started: {policy_name(started)})"
+        log.warning("cpu scheduling: %s refused (%s)", "batch" if batch else "other", exc.strerror)
+        return False
+    _switched = batch
+    return True
 
 
 def child_policy() -> int | None:
-    """The policy a child must be put back under (what the broker was started with), or None
-    when the broker runs under that still."""
-    return _for_children
+    """The policy a child spawned now must be put back under (the normal one, while the
+    thread is under batch), or None."""
+    return os.SCHED_OTHER if _switched else None
 
 
 def restore_in_child(policy: int | None) -> None:
@@ -94,3 +114,78 @@ def restore_in_child(policy: int | None) -> None:
             os.sched_setscheduler(0, policy, os.sched_param(0))
         except OSError:
             pass
+
+
+class _Loop(Protocol):
+    def time(self) -> float: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer: ...
+
+
+class _Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class StreamPacer:
+    """Counts the app-server's output (``saw``) on the event loop's thread and puts that thread
+    under batch once STREAM_RATE is reached within a WINDOW, and back under the normal policy
+    at the end of the first WINDOW below it. Inert unless `serve` prepared a switch
+    (``prepare``), or when ``enabled`` is False. ``switches`` counts the changes."""
+
+    def __init__(self, loop: _Loop, enabled: bool | None = None,
+                 switch: Callable[[bool], bool] = _switch):
+        self._loop = loop
+        self.enabled = _may_switch if enabled is None else enabled
+        self._switch = switch
+        self.batch = False
+        self.switches = 0
+        self._since = loop.time()
+        self._bytes = 0
+        self._timer: _Timer | None = None
+        self._budget = STREAM_RATE * WINDOW
+
+    def saw(self, n: int) -> None:
+        """``n`` bytes of the app-server's output were read."""
+        if not self.enabled:
+            return
+        self._bytes += n
+        if self.batch or self._bytes < self._budget:
+            return
+        now = self._loop.time()
+        if now - self._since > WINDOW:  # that much, but over a longer time: a new window from now
+            self._since, self._bytes = now, 0
+            return
+        if self._switch(True):
+            self.batch = True
+            self.switches += 1
+            log.debug("cpu scheduling: batch (the app-server streams)")
+        else:
+            self.enabled = False
+            return
+        self._bytes = 0
+        self._timer = self._loop.call_later(WINDOW, self._check)
+
+    def _check(self) -> None:
+        if self._bytes >= self._budget:  # still streaming
+            self._bytes = 0
+            self._timer = self._loop.call_later(WINDOW, self._check)
+            return
+        self._timer = None
+        self._back()
+
+    def _back(self) -> None:
+        if self._switch(False):
+            self.switches += 1
+            log.debug("cpu scheduling: other (the stream stopped)")
+        else:
+            self.enabled = False
+        self.batch = False
+        self._since, self._bytes = self._loop.time(), 0
+
+    def close(self) -> None:
+        """Back under the normal policy, if under batch; inert from now on."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.batch:
+            self._back()
+        self.enabled = False

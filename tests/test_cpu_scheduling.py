@@ -1,17 +1,34 @@
-"""The CPU scheduling policy `serve` runs under: SCHED_BATCH by default (every thread of the
-broker), the app-server under the policy the broker was started with; `--cpu-scheduling normal`
-or CODEX_BROKER_CPU_SCHEDULING=normal (the flag wins) leaves the policy as started, and a broker
-started under another policy than the normal one keeps it. What the policy is for is measured in
-bench/ (docs/BENCHMARKS.md), not here."""
+"""The CPU scheduling policy of `serve`'s event loop: SCHED_BATCH while the app-server streams at
+1 MiB/s or more, the normal policy otherwise (the default, `batch`); `--cpu-scheduling normal` or
+CODEX_BROKER_CPU_SCHEDULING=normal (the flag wins) never switches, nor does a broker started under
+another policy than the normal one; the app-server always runs as the broker was started. The
+switching rule itself is tested on a clock of the test's own (``StreamPacer``). What the policy is
+for is measured in bench/ (docs/BENCHMARKS.md), not here."""
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from harness import error_lines, fake_command, new_marker, processes_with, run_serve
+from harness import (
+    JsonlSession,
+    error_lines,
+    fake_command,
+    jsonl_flags,
+    jsonl_path,
+    new_marker,
+    processes_with,
+    run,
+    run_serve,
+    short_dir,
+)
+from proc_support import wait_for
 
+from proxy import child as child_process
 from proxy import scheduling
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
@@ -19,22 +36,50 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduli
 # Starts what follows under SCHED_IDLE, as `chrt --idle 0` would (a policy other than the normal one).
 UNDER_IDLE = [sys.executable, "-c", "import os, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+TO_BATCH = "cpu scheduling: batch (the app-server streams)"
+TO_OTHER = "cpu scheduling: other (the stream stopped)"
 
 
-def policies(pid: int) -> dict[int, str]:
-    """The policy of each thread of ``pid``, by thread id."""
-    found = {}
+def policies(pid: int) -> set[str]:
+    """The policies of the threads of ``pid``."""
+    found = set()
     for tid in map(int, os.listdir(f"/proc/{pid}/task")):
         try:
-            found[tid] = scheduling.policy_name(os.sched_getscheduler(tid))
+            found.add(scheduling.policy_name(os.sched_getscheduler(tid)))
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
     return found
 
 
-def check_serves(b) -> None:
-    reply = b.call("thread/start", {"cwd": "/tmp"})
-    assert json.loads(reply.result_json)["thread"]["id"]
+@pytest.fixture
+def jb(broker: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Factory: a broker logging at debug level and serving JSONL too; returns (broker, JSONL path)."""
+    dirs = []
+
+    def start(*flags: str, **kw: Any) -> tuple[Any, str]:
+        directory = short_dir()
+        dirs.append(directory)
+        path = jsonl_path(directory)
+        return broker(*jsonl_flags(path), "--log-level", "debug", *flags, **kw), path
+
+    yield start
+    for directory in dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def stream_a_turn(path: str, deltas: int = 20_000) -> int:
+    """One turn of ``deltas`` deltas written as fast as the fake can (~4 MB), read to its end;
+    how many of them arrived."""
+    async def go() -> int:
+        c = await JsonlSession.connect(path)
+        await c.initialize()
+        thread = await c.start_thread()
+        turn = await c.start_turn(thread, f"deltas={deltas} seconds=0")
+        await c.turn_completed(thread, turn)
+        got = sum(1 for m in c.messages if m.get("method") == "item/agentMessage/delta")
+        await c.close()
+        return got
+    return run(go())
 
 
 @pytest.mark.parametrize("flags, env", [
@@ -42,15 +87,19 @@ def check_serves(b) -> None:
     ((), {scheduling.CPU_SCHEDULING_ENV: "Batch "}),
     (("--cpu-scheduling", "batch"), {scheduling.CPU_SCHEDULING_ENV: "normal"}),
 ])
-def test_the_broker_runs_under_batch_on_every_thread_and_its_app_server_as_the_broker_was_started(broker, flags, env):
-    b = broker(*flags, env=env)
-    check_serves(b)
-    threads = policies(b.pid)
-    assert len(threads) > 1, "gRPC's threads are started after the policy is set, and inherit it"
-    assert set(threads.values()) == {"batch"}, threads
+def test_the_loop_is_under_batch_while_the_app_server_streams_and_under_the_normal_policy_otherwise(jb, flags, env):
+    b, path = jb(*flags, env=env)
+    assert "cpu scheduling: batch while the app-server streams (1 MiB/s or more), else other" in b.log()
     app_server = b.status().app_server_pid
-    assert set(policies(app_server).values()) == {"other"}
-    assert "cpu scheduling: batch (the app-server runs as the broker was started: other)" in b.log()
+    assert policies(b.pid) == {"other"} and policies(app_server) == {"other"}
+    assert stream_a_turn(path) == 20_000
+    assert TO_BATCH in b.log()
+    wait_for(lambda: TO_OTHER in b.log(), what="back under the normal policy once the stream stopped")
+    assert b.log().index(TO_BATCH) < b.log().index(TO_OTHER)
+    assert policies(b.pid) == {"other"}, "every thread of the broker is back under the normal policy"
+    assert policies(app_server) == {"other"}, "the app-server was never switched"
+    assert b.call("account/read").result_json  # requests between streams: no switch
+    assert b.log().count(TO_BATCH) == 1
     b.drain()
     assert b.wait_exit(30) == 0
 
@@ -59,20 +108,37 @@ def test_the_broker_runs_under_batch_on_every_thread_and_its_app_server_as_the_b
     (("--cpu-scheduling", "normal"), {scheduling.CPU_SCHEDULING_ENV: "batch"}),
     ((), {scheduling.CPU_SCHEDULING_ENV: "NORMAL"}),
 ])
-def test_normal_leaves_the_broker_and_its_app_server_as_started(broker, flags, env):
-    b = broker(*flags, env=env)
-    check_serves(b)
-    assert set(policies(b.pid).values()) == {"other"}
-    assert set(policies(b.status().app_server_pid).values()) == {"other"}
+def test_normal_never_switches(jb, flags, env):
+    b, path = jb(*flags, env=env)
     assert "cpu scheduling: as started (other)" in b.log()
+    assert stream_a_turn(path) == 20_000
+    assert "cpu scheduling: batch" not in b.log().split("as started (other)")[1]
+    assert policies(b.pid) == {"other"} and policies(b.status().app_server_pid) == {"other"}
 
 
-def test_a_broker_started_under_another_policy_keeps_it_and_so_does_its_app_server(broker):
-    b = broker(argv_prefix=UNDER_IDLE)
-    check_serves(b)
-    assert set(policies(b.pid).values()) == {"idle"}
-    assert set(policies(b.status().app_server_pid).values()) == {"idle"}
+def test_a_broker_started_under_another_policy_keeps_it_and_so_does_its_app_server(jb):
+    b, path = jb(argv_prefix=UNDER_IDLE)
     assert "cpu scheduling: as started (idle, which batch does not replace)" in b.log()
+    assert stream_a_turn(path) == 20_000
+    assert TO_BATCH not in b.log()
+    assert policies(b.pid) == {"idle"} and policies(b.status().app_server_pid) == {"idle"}
+
+
+def test_a_child_spawned_while_the_thread_is_under_batch_runs_under_the_normal_policy(monkeypatch):
+    """The app-server inherits nothing of the switch, whenever it is spawned."""
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert scheduling._switch(True)
+    try:
+        assert scheduling.child_policy() == os.SCHED_OTHER
+        child = child_process.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"], cwd=None)
+        try:
+            assert policies(child.pid) == {"other"}
+            assert os.sched_getscheduler(0) == os.SCHED_BATCH
+        finally:
+            child_process.kill(child)
+    finally:
+        assert scheduling._switch(False)
+    assert scheduling.child_policy() is None
 
 
 def test_an_unknown_policy_in_the_environment_is_refused_before_anything_starts(base):
@@ -105,3 +171,118 @@ def test_the_choice_is_the_flag_then_the_variable_then_batch():
 def test_policy_names_ignore_the_reset_on_fork_flag():
     assert scheduling.policy_name(os.SCHED_BATCH) == "batch"
     assert scheduling.policy_name(os.SCHED_OTHER | getattr(os, "SCHED_RESET_ON_FORK", 0)) == "other"
+
+
+# -- the switching rule, on the test's own clock -----------------------------------------------
+class Clock:
+    """A loop's time and timers, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.timers: list[tuple[float, Callable[[], None], list[bool]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
+        cancelled = [False]
+        self.timers.append((self.now + delay, callback, cancelled))
+
+        class Handle:
+            def cancel(self) -> None:
+                cancelled[0] = True
+        return Handle()
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while due := sorted((t for t in self.timers if t[0] <= end), key=lambda t: t[0]):
+            at, callback, cancelled = due[0]
+            self.timers.remove(due[0])
+            self.now = at
+            if not cancelled[0]:
+                callback()
+        self.now = end
+
+
+RATE = scheduling.STREAM_RATE
+WINDOW = scheduling.WINDOW
+
+
+def pacer(refuse: bool = False, enabled: bool = True) -> tuple[scheduling.StreamPacer, Clock, list[bool]]:
+    clock, asked = Clock(), []
+
+    def switch(batch: bool) -> bool:
+        asked.append(batch)
+        return not refuse
+    return scheduling.StreamPacer(clock, enabled=enabled, switch=switch), clock, asked
+
+
+def feed(p: scheduling.StreamPacer, clock: Clock, rate: float, seconds: float, step: float = 0.01) -> None:
+    """``rate`` bytes per second for ``seconds``, in reads every ``step`` seconds."""
+    for _ in range(round(seconds / step)):
+        clock.advance(step)
+        p.saw(int(rate * step))
+
+
+def test_below_the_rate_nothing_switches_however_long_it_lasts():
+    p, clock, asked = pacer()
+    feed(p, clock, RATE * 0.6, 30.0)
+    assert asked == [] and not p.batch
+
+
+def test_at_the_rate_it_switches_once_stays_while_the_stream_lasts_and_is_back_one_window_after():
+    p, clock, asked = pacer()
+    feed(p, clock, RATE * 4, 0.2)
+    assert asked == [True] and p.batch
+    feed(p, clock, RATE * 4, 10.0)
+    assert asked == [True] and p.batch, "checked every window while the stream lasts, never switched again"
+    clock.advance(2 * WINDOW)  # the stream stopped
+    assert asked == [True, False] and not p.batch and p.switches == 2
+    feed(p, clock, RATE * 4, 0.5)  # the next stream
+    assert asked == [True, False, True] and p.batch
+
+
+def test_one_large_message_is_one_short_spell_of_batch_at_most():
+    p, clock, asked = pacer()
+    clock.advance(5.0)
+    p.saw(4 << 20)  # a 4 MiB response, after a long quiet
+    clock.advance(0.01)
+    p.saw(200)
+    assert not p.batch, "that much over a long time is no stream"
+    p.saw(4 << 20)  # another one at once: as fast as a stream
+    assert p.batch
+    clock.advance(WINDOW)
+    assert asked == [True, False] and not p.batch
+
+
+def test_a_refused_switch_leaves_the_pacer_inert():
+    p, clock, asked = pacer(refuse=True)
+    feed(p, clock, RATE * 4, 1.0)
+    assert asked == [True] and not p.batch and not p.enabled
+
+
+def test_close_puts_the_thread_back_and_cancels_the_check():
+    p, clock, asked = pacer()
+    feed(p, clock, RATE * 4, 0.2)
+    p.close()
+    assert asked == [True, False] and not p.batch and not p.enabled
+    clock.advance(10 * WINDOW)
+    feed(p, clock, RATE * 4, 0.5)
+    assert asked == [True, False]
+
+
+def test_a_pacer_not_enabled_never_switches():
+    p, clock, asked = pacer(enabled=False)
+    feed(p, clock, RATE * 8, 1.0)
+    assert asked == [] and not p.batch
+
+
+def test_serve_alone_enables_it():
+    """A broker embedded in another process (these tests' own) never switches that process's
+    threads: only `serve`, by ``prepare``, enables the pacer."""
+    assert scheduling.StreamPacer(Clock()).enabled is False
+    assert subprocess.run([sys.executable, "-c", "from proxy import scheduling; import sys; "
+                           "print(scheduling.prepare('batch')); "
+                           "print(scheduling.StreamPacer(type('L', (), {'time': lambda s: 0.0})()).enabled)"],
+                          capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))).stdout.splitlines()[1] == "True"

@@ -145,9 +145,9 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.config import BrokerFiles, ConfigError, ServeConfig, StartError
 
     try:
-        log_format = contract.log_setting(args.log_format, os.environ, contract.LOG_FORMAT_ENV, contract.LOG_FORMATS,
+        log_format = contract.setting(args.log_format, os.environ, contract.LOG_FORMAT_ENV, contract.LOG_FORMATS,
                                           "text")
-        log_level = contract.log_setting(args.log_level, os.environ, contract.LOG_LEVEL_ENV, contract.LOG_LEVELS,
+        log_level = contract.setting(args.log_level, os.environ, contract.LOG_LEVEL_ENV, contract.LOG_LEVELS,
                                          "info")
     except ValueError as exc:
         print(f"codex-broker serve: {exc}", file=sys.stderr)

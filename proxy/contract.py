@@ -179,9 +179,10 @@ LOG_FORMAT_ENV = "CODEX_BROKER_LOG_FORMAT"  # read by every serve, so brokers th
 LOG_LEVEL_ENV = "CODEX_BROKER_LOG_LEVEL"
 
 
-def log_setting(flag: str | None, env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
-    """--log-format / --log-level: the flag, else the variable ``name`` (an empty one counts as
-    unset; case does not matter), else ``default``. ValueError for a variable not in ``choices``."""
+def setting(flag: str | None, env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    """A serve option with choices (--log-format, --log-level, --cpu-scheduling): the flag, else
+    the variable ``name`` (an empty one counts as unset; case and spaces around it do not
+    matter), else ``default``. ValueError for a variable not in ``choices``."""
     if flag is not None:
         return flag
     raw = env.get(name, "").strip()

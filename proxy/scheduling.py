@@ -33,7 +33,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Protocol
+
+from proxy.contract import setting
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing before the spawn (proxy.child)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _Timer(Protocol):
+        def cancel(self) -> None: ...
+
+    class _Loop(Protocol):
+        def time(self) -> float: ...
+        def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer: ...
 
 log = logging.getLogger("codex_broker.proxy")
 
@@ -56,13 +68,11 @@ class SchedulingError(Exception):
 
 def choice(flag: str | None, environ: Mapping[str, str]) -> str:
     """The policy asked for: the flag, else the variable, else batch. SchedulingError for a
-    name that is none of CHOICES."""
-    value = flag if flag else (environ.get(CPU_SCHEDULING_ENV) or BATCH)
-    value = value.strip().lower()
-    if value not in CHOICES:
-        source = "--cpu-scheduling" if flag else CPU_SCHEDULING_ENV
-        raise SchedulingError(f"{source} must be one of {', '.join(CHOICES)}, got {value!r}")
-    return value
+    variable that is none of CHOICES (argparse checks the flag)."""
+    try:
+        return setting(flag, environ, CPU_SCHEDULING_ENV, CHOICES, BATCH)
+    except ValueError as exc:
+        raise SchedulingError(str(exc)) from None
 
 
 def policy_name(policy: int) -> str:
@@ -114,15 +124,6 @@ def restore_in_child(policy: int | None) -> None:
             os.sched_setscheduler(0, policy, os.sched_param(0))
         except OSError:
             pass
-
-
-class _Loop(Protocol):
-    def time(self) -> float: ...
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer: ...
-
-
-class _Timer(Protocol):
-    def cancel(self) -> None: ...
 
 
 class StreamPacer:

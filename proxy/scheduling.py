@@ -17,10 +17,10 @@ to a third and raised one client's stream from ~78 % to ~85 % of a direct pipe's
 
 Between streams it costs: a request's round trip was ~5-10 % slower under batch (the broker,
 woken by the client's write on the client's core, waits for the client to block instead of
-preempting it). So the event loop's thread is under batch only while the app-server writes at
-least STREAM_RATE bytes per second (a flood of deltas, a command's large output; a model's own
-streaming is far below it), measured over WINDOW, and back under the normal policy once a
-WINDOW passes below that rate (``StreamPacer``). Only that thread switches (a thread's policy is
+preempting it). So the event loop's thread is under batch only while the app-server streams
+fast: from ENTER_BYTES written within ENTER_WINDOW (~3 MiB/s: a flood of deltas, a command's
+large output; a model's own streaming is far below it, and so are requests and their answers),
+until a WINDOW passes below STAY_RATE (1 MiB/s) (``StreamPacer``). Only that thread switches (a thread's policy is
 its own): it reads the app-server and does all the routing. Its nice value never changes.
 
 Only a broker started under the normal policy (SCHED_OTHER) switches: one started under another
@@ -52,8 +52,13 @@ log = logging.getLogger("codex_broker.proxy")
 CPU_SCHEDULING_ENV = "CODEX_BROKER_CPU_SCHEDULING"
 BATCH, NORMAL = "batch", "normal"
 CHOICES = (BATCH, NORMAL)
-STREAM_RATE = 1 << 20  # bytes per second of app-server output from which the loop runs under batch
-WINDOW = 0.25  # seconds over which that rate is measured
+# The loop goes under batch once the app-server writes ENTER_BYTES within ENTER_WINDOW (~3 MiB/s,
+# reached within a few milliseconds of a flood: the stream's start is relayed under batch too),
+# and stays while it writes STAY_RATE over each WINDOW; below that, back to the normal policy.
+ENTER_BYTES = 64 << 10
+ENTER_WINDOW = 0.02
+STAY_RATE = 1 << 20  # bytes per second
+WINDOW = 0.25  # seconds
 
 _POLICY_NAMES = {getattr(os, name): name[6:].lower()
                  for name in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
@@ -93,8 +98,7 @@ def prepare(asked: str) -> str:
     if started != os.SCHED_OTHER:
         return f"as started ({policy_name(started)}, which batch does not replace)"
     _may_switch = True
-    return (f"batch while the app-server streams ({STREAM_RATE >> 20} MiB/s or more), else other; "
-            "the app-server always other")
+    return "batch while the app-server streams, else other; the app-server always other"
 
 
 def _switch(batch: bool) -> bool:
@@ -128,8 +132,8 @@ def restore_in_child(policy: int | None) -> None:
 
 class StreamPacer:
     """Counts the app-server's output (``saw``) on the event loop's thread and puts that thread
-    under batch once STREAM_RATE is reached within a WINDOW, and back under the normal policy
-    at the end of the first WINDOW below it. Inert unless `serve` prepared a switch
+    under batch once ENTER_BYTES come within ENTER_WINDOW, and back under the normal policy at
+    the end of the first WINDOW below STAY_RATE. Inert unless `serve` prepared a switch
     (``prepare``), or when ``enabled`` is False. ``switches`` counts the changes."""
 
     def __init__(self, loop: _Loop, enabled: bool | None = None,
@@ -142,17 +146,17 @@ class StreamPacer:
         self._since = loop.time()
         self._bytes = 0
         self._timer: _Timer | None = None
-        self._budget = STREAM_RATE * WINDOW
+        self._budget = STAY_RATE * WINDOW
 
     def saw(self, n: int) -> None:
         """``n`` bytes of the app-server's output were read."""
         if not self.enabled:
             return
         self._bytes += n
-        if self.batch or self._bytes < self._budget:
+        if self.batch or self._bytes < ENTER_BYTES:
             return
         now = self._loop.time()
-        if now - self._since > WINDOW:  # that much, but over a longer time: a new window from now
+        if now - self._since > ENTER_WINDOW:  # that much, but over a longer time: a new window from now
             self._since, self._bytes = now, 0
             return
         if self._switch(True):

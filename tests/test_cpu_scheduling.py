@@ -89,7 +89,7 @@ def stream_a_turn(path: str, deltas: int = 20_000) -> int:
 ])
 def test_the_loop_is_under_batch_while_the_app_server_streams_and_under_the_normal_policy_otherwise(jb, flags, env):
     b, path = jb(*flags, env=env)
-    assert "cpu scheduling: batch while the app-server streams (1 MiB/s or more), else other" in b.log()
+    assert "cpu scheduling: batch while the app-server streams, else other; the app-server always other" in b.log()
     app_server = b.status().app_server_pid
     assert policies(b.pid) == {"other"} and policies(app_server) == {"other"}
     assert stream_a_turn(path) == 20_000
@@ -204,8 +204,10 @@ class Clock:
         self.now = end
 
 
-RATE = scheduling.STREAM_RATE
+RATE = scheduling.STAY_RATE
 WINDOW = scheduling.WINDOW
+ENTER_RATE = scheduling.ENTER_BYTES / scheduling.ENTER_WINDOW
+FLOOD = 16 * RATE  # a turn's deltas at full speed: ~40 MB/s
 
 
 def pacer(refuse: bool = False, enabled: bool = True) -> tuple[scheduling.StreamPacer, Clock, list[bool]]:
@@ -232,14 +234,27 @@ def test_below_the_rate_nothing_switches_however_long_it_lasts():
 
 def test_at_the_rate_it_switches_once_stays_while_the_stream_lasts_and_is_back_one_window_after():
     p, clock, asked = pacer()
-    feed(p, clock, RATE * 4, 0.2)
+    feed(p, clock, FLOOD, 0.2)
     assert asked == [True] and p.batch
-    feed(p, clock, RATE * 4, 10.0)
+    feed(p, clock, FLOOD, 10.0)
     assert asked == [True] and p.batch, "checked every window while the stream lasts, never switched again"
     clock.advance(2 * WINDOW)  # the stream stopped
     assert asked == [True, False] and not p.batch and p.switches == 2
-    feed(p, clock, RATE * 4, 0.5)  # the next stream
+    feed(p, clock, FLOOD, 0.5)  # the next stream
     assert asked == [True, False, True] and p.batch
+
+
+def test_it_enters_only_above_the_rate_it_stays_at():
+    """Hysteresis: ~3 MiB/s to enter, 1 MiB/s to stay."""
+    p, clock, asked = pacer()
+    feed(p, clock, ENTER_RATE * 0.6, 5.0, step=0.001)
+    assert asked == [] and not p.batch
+    feed(p, clock, ENTER_RATE * 1.5, 0.05, step=0.001)
+    assert asked == [True], "entered within a few milliseconds"
+    feed(p, clock, RATE * 1.5, 5.0)
+    assert asked == [True] and p.batch
+    feed(p, clock, RATE * 0.5, 1.0)
+    assert asked == [True, False] and not p.batch
 
 
 def test_one_large_message_is_one_short_spell_of_batch_at_most():
@@ -257,23 +272,23 @@ def test_one_large_message_is_one_short_spell_of_batch_at_most():
 
 def test_a_refused_switch_leaves_the_pacer_inert():
     p, clock, asked = pacer(refuse=True)
-    feed(p, clock, RATE * 4, 1.0)
+    feed(p, clock, FLOOD, 1.0)
     assert asked == [True] and not p.batch and not p.enabled
 
 
 def test_close_puts_the_thread_back_and_cancels_the_check():
     p, clock, asked = pacer()
-    feed(p, clock, RATE * 4, 0.2)
+    feed(p, clock, FLOOD, 0.2)
     p.close()
     assert asked == [True, False] and not p.batch and not p.enabled
     clock.advance(10 * WINDOW)
-    feed(p, clock, RATE * 4, 0.5)
+    feed(p, clock, FLOOD, 0.5)
     assert asked == [True, False]
 
 
 def test_a_pacer_not_enabled_never_switches():
     p, clock, asked = pacer(enabled=False)
-    feed(p, clock, RATE * 8, 1.0)
+    feed(p, clock, FLOOD, 1.0)
     assert asked == [] and not p.batch
 
 

@@ -283,8 +283,10 @@ STREAM_RELAY = (
     "policy: under batch a request's round trip was ~5-10 % slower (9 of 10 paired runs; the woken broker "
     "waits on the client's core for the client to block instead of preempting it). Last, a chunk's notes are "
     "matched against its first line's thread and method as literals (no string built or hashed per line when "
-    "they are all alike, as a run of deltas is): ~0.6-0.8 us. Together: ~85-91 % of direct in this bench's "
-    "paired runs and 81-93 % side by side with the Node broker (median 87 %; Node ~48 %). "
+    "they are all alike, as a run of deltas is): ~0.6-0.8 us. Together, on 2026-11-30: 84-92 % of direct in "
+    "this bench's runs (medians of five paired repetitions); side by side with the Node broker 81-87 % over "
+    "seven runs of the final version (median 83 %; 81-93 % over the day's runs with batch; the Node broker "
+    "47-50 %). The share depends on the hour as much as on the broker: direct itself ran at 245-310k/s. "
     "Tried and dropped: a larger stdout pipe for the app-server (256 KiB: ~93 % of direct), because it let "
     "the fake run further ahead of a Python client reading at full speed, which then fell 8 MiB behind on a "
     "1,000,000-delta turn and was dropped; with the default 64 KiB pipe the broker queued nothing for it on "
@@ -393,17 +395,19 @@ WHY_MISSED = {
 # medians of PEER_RUNS runs, one after the other on one 2-core machine of this kind.
 PEER_RUN_DATE = "2026-11-30"
 PEER_RUNS = 5
-PEER_RUN_LOAD = "1.6-1.9"
+PEER_RUN_LOAD = "1.2-1.6"
 SPREAD_DATE = "2026-11-24"
+PEER_SPREAD = ("JSONL's unary p50 0.82-1.25x the Node broker's (median 0.96x over five runs); one client's JSONL "
+               "stream 81-87 % of direct (median 83 % over seven runs), the Node broker's 47-50 %.")
 PEER_RUN: list[tuple[str, float | None, float, float, float]] = [
     # figure, direct, node, codex-broker over gRPC, codex-broker over JSONL
-    ("unary p50 (us)", 230, 386, 950, 353),
-    ("unary p99 (us)", 638, 1655, 1965, 928),
-    ("notifications/s, one 50,000-delta turn", 274_287, 130_042, 178_646, 215_540),
-    ("16 clients x 200: served of 3,200", 3200, 510, 3200, 3200),
-    ("16 clients x 200: successful req/s", 56_570, 3_191, 5_584, 15_981),
-    ("start to ready (s; the harness's own spawn included)", 0.079, 0.215, 0.241, 0.236),
-    ("broker process RSS after the workloads (MiB)", None, 100.6, 48.3, 47.8),
+    ("unary p50 (us)", 201, 299, 911, 375),
+    ("unary p99 (us)", 636, 1481, 1929, 1026),
+    ("notifications/s, one 50,000-delta turn", 295_010, 126_971, 180_410, 238_644),
+    ("16 clients x 200: served of 3,200", 3200, 536, 3200, 3200),
+    ("16 clients x 200: successful req/s", 67_917, 3_136, 5_388, 17_216),
+    ("start to ready (s; the harness's own spawn included)", 0.073, 0.210, 0.234, 0.222),
+    ("broker process RSS after the workloads (MiB)", None, 100.4, 48.3, 47.8),
 ]
 
 
@@ -424,7 +428,9 @@ def _side_by_side() -> list[str]:
             "compare the ratios. Node readies on a socket that accepts; this broker "
             "on a Health Check answering SERVING (JSONL: the same broker, started with `--jsonl-endpoint`).", "",
             *_table(["", "direct", "Node broker", "codex-broker gRPC", "codex-broker JSONL", "gRPC / Node",
-                     "JSONL / Node"], rows)]
+                     "JSONL / Node"], rows), "",
+            f"Other side-by-side runs of the same version on {PEER_RUN_DATE} (medians of 5-7 repetitions each): "
+            f"{PEER_SPREAD}", ""]
 
 
 def _misses(r: dict[str, Any]) -> list[str]:

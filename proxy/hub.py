@@ -104,25 +104,33 @@ class _Note(msgspec.Struct, gc=False):
 _NOTE = msgspec.json.Decoder(_Note)
 _VALUE = msgspec.json.Decoder(msgspec.Raw)  # a value's own text: where it begins and ends
 STREAM_CHUNK = 1024  # bytes in a chunk of several lines from which the stream's fast path is tried
-_UNIFORM: dict[tuple[str, str], msgspec.json.Decoder[Any]] = {}  # see _uniform_decoder
-_UNIFORM_MAX = 64  # decoders kept (a few per running turn: one per kind of delta); then forgotten at once
+_UNIFORM: dict[tuple[str, str], _Uniform] = {}  # see _uniform
+_UNIFORM_MAX = 64  # pairs kept (a few per running turn: one per kind of delta); then forgotten at once
 
 
-def _uniform_decoder(method: str, thread_id: str) -> msgspec.json.Decoder[Any]:
-    """A decoder of notifications ``method`` of ``thread_id`` and nothing else: any other line,
+@dataclass(frozen=True, slots=True)
+class _Uniform:
+    """Decoders of notifications ``method`` of ``thread_id`` and nothing else: any other line,
     a _Note or not, fails to decode. Both are literals, matched where they lie: no string is
     built or hashed per line, and a uniform chunk (the usual run of one kind of delta) needs no
-    pass over its notes in Python."""
-    decoder = _UNIFORM.get((method, thread_id))
-    if decoder is None:
+    pass over its notes in Python. ``lines`` reads a chunk's lines; ``bracketed`` reads them
+    each wrapped in an array of its own, which must hold exactly one note (see _stream_chunk)."""
+    lines: msgspec.json.Decoder[Any]
+    bracketed: msgspec.json.Decoder[Any]
+
+
+def _uniform(method: str, thread_id: str) -> _Uniform:
+    found = _UNIFORM.get((method, thread_id))
+    if found is None:
         if len(_UNIFORM) >= _UNIFORM_MAX:
             _UNIFORM.clear()
         literal = cast(Any, Literal)
         params = msgspec.defstruct("_ParamsOf", [("threadId", literal[thread_id])], gc=False)
         note = msgspec.defstruct("_NoteOf", [("method", literal[method]), ("params", params),
                                              ("id", msgspec.UnsetType, msgspec.UNSET)], gc=False)
-        decoder = _UNIFORM[(method, thread_id)] = msgspec.json.Decoder(note)
-    return decoder
+        found = _UNIFORM[(method, thread_id)] = _Uniform(msgspec.json.Decoder(note),
+                                                          msgspec.json.Decoder(list[tuple[note]]))  # type: ignore[valid-type]
+    return found
 
 
 def _plain_item(method: str, msg: dict[str, Any]) -> bool:
@@ -757,11 +765,11 @@ class Hub:
         opted out of none of its methods, read in C passes: its first line, for the thread
         and method; its UTF-8 checked at once; its values' extents, which must be its lines
         exactly; then only method, params.threadId and id of each, matched against the first
-        line's as literals (``_uniform_decoder``), or, where they are not all alike, built and
-        compared here. False, with nothing done, for any other chunk (a line that is not such
-        a notification, not exactly one JSON value, blank; more than one thread; a thread
-        nobody follows; a follower that opted out of some of its methods but not all): the
-        line-by-line route takes it."""
+        line's as literals (``_uniform``; in one pass where the chunk holds no bracket), or,
+        where they are not all alike, built and compared here. False, with nothing done, for
+        any other chunk (a line that is not such a notification, not exactly one JSON value,
+        blank; more than one thread; a thread nobody follows; a follower that opted out of
+        some of its methods but not all): the line-by-line route takes it."""
         try:  # the first line names the one thread and, usually, the one method of them all
             first = _NOTE.decode(body[:body.find(b"\n")])
         except msgspec.MsgspecError:
@@ -777,26 +785,41 @@ class Hub:
                 body.decode()
             except UnicodeDecodeError:
                 return False
-        try:
-            values = _VALUE.decode_lines(body)
-            # Each line must be exactly one value. The values put back together with one
-            # newline between them give the chunk, and no value holds a newline of its own
-            # (one that runs over a line's end, whitespace inside it): then each value is
-            # its line, no more, no less (no line split, blank, holding two, padded).
-            count = len(values)
-            if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
-                return False
+        uniform = _uniform(method, thread_id)
+        methods: set[str] | None = None
+        if b"[" not in body and b"]" not in body:
+            # One pass. With no bracket anywhere in the chunk, each line put between brackets
+            # of our own is an array of exactly what that line holds (nothing in it can open or
+            # close one): that it decodes as one note each proves every line exactly one value
+            # (not blank, not split, not two) while the notes are read.
+            bracketed = b"[[" + body.replace(b"\n", b"],[") + b"]]"
+            count = (len(bracketed) - len(body)) // 2 - 1  # each newline became two bytes longer
             try:
-                _uniform_decoder(method, thread_id).decode_lines(body)
-                methods = {method}
-            except msgspec.ValidationError:  # not all alike: each note read, then checked here
-                notes = _NOTE.decode_lines(body)
-                methods = {note.method for note in notes}
-                if not methods.isdisjoint(_SLOW_NOTIFICATIONS) or {note.params.threadId for note in notes} != {
-                        thread_id}:
+                if len(uniform.bracketed.decode(bracketed)) == count:
+                    methods = {method}
+            except msgspec.MsgspecError:
+                pass  # not all alike, or not exactly a value a line: as below
+        if methods is None:
+            try:
+                values = _VALUE.decode_lines(body)
+                # Each line must be exactly one value. The values put back together with one
+                # newline between them give the chunk, and no value holds a newline of its own
+                # (one that runs over a line's end, whitespace inside it): then each value is
+                # its line, no more, no less (no line split, blank, holding two, padded).
+                count = len(values)
+                if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
                     return False
-        except msgspec.MsgspecError:
-            return False
+                try:
+                    uniform.lines.decode_lines(body)
+                    methods = {method}
+                except msgspec.ValidationError:  # not all alike: each note read, then checked here
+                    notes = _NOTE.decode_lines(body)
+                    methods = {note.method for note in notes}
+                    if not methods.isdisjoint(_SLOW_NOTIFICATIONS) or {note.params.threadId for note in notes} != {
+                            thread_id}:
+                        return False
+            except msgspec.MsgspecError:
+                return False
         receivers = []
         for session in subscribers:
             opt_out = session.opt_out

@@ -347,6 +347,15 @@ CHUNKS: dict[str, list[bytes]] = {
     "a delta whose params are null": [*(_delta("thr-a", i) for i in range(6)),
                                       b'{"method":"item/agentMessage/delta","params":null}',
                                       *(_delta("thr-a", i) for i in range(7, 12))],
+    # Read in one pass only where no bracket is in the chunk: with brackets (in the text, or
+    # crafted: a value over two lines inside nested arrays, made whole by the brackets put
+    # around each line, and a line of two values joined as two such arrays), the passes above.
+    "deltas with brackets in their text": [_delta("thr-a", i, text="a[1],[2] ]") for i in range(12)],
+    "a value over two lines inside nested arrays, and two values joined by brackets": [
+        *(_delta("thr-a", i) for i in range(6)),
+        b'{"method":"item/agentMessage/delta","params":{"threadId":"thr-a"},"x":[[1', b'2]]}',
+        _delta("thr-a", 6) + b"],[" + _delta("thr-a", 7),
+        *(_delta("thr-a", i) for i in range(8, 12))],
     # The first line names the thread and the method the rest are matched against.
     "the first line another thread's": [_delta("thr-b", 0), *(_delta("thr-a", i) for i in range(1, 12))],
     "the first line not JSON": [b"{not json", *(_delta("thr-a", i) for i in range(1, 12))],

@@ -283,10 +283,13 @@ STREAM_RELAY = (
     "policy: under batch a request's round trip was ~5-10 % slower (9 of 10 paired runs; the woken broker "
     "waits on the client's core for the client to block instead of preempting it). Last, a chunk's notes are "
     "matched against its first line's thread and method as literals (no string built or hashed per line when "
-    "they are all alike, as a run of deltas is): ~0.6-0.8 us. Together, on 2026-11-30: 84-92 % of direct in "
-    "this bench's runs (medians of five paired repetitions); side by side with the Node broker 81-87 % over "
-    "seven runs of the final version (median 83 %; 81-93 % over the day's runs with batch; the Node broker "
-    "47-50 %). The share depends on the hour as much as on the broker: direct itself ran at 245-310k/s. "
+    "they are all alike, as a run of deltas is), and where the chunk holds no bracket in one pass instead of "
+    "two: each line put between brackets of the broker's own must then decode as an array of exactly one such "
+    "note, which proves it one value while the notes are read (split and route: ~475 -> ~365 ns per "
+    "notification at 72 lines a chunk). Together, on 2026-11-30: 87-91 % of direct in this bench's runs "
+    "(medians of five paired repetitions); side by side with the Node broker 79-91 % over ten runs of the "
+    "final version (median 86 %; the Node broker "
+    "43-52 %). The share depends on the hour as much as on the broker: direct itself ran at 245-310k/s. "
     "Tried and dropped: a larger stdout pipe for the app-server (256 KiB: ~93 % of direct), because it let "
     "the fake run further ahead of a Python client reading at full speed, which then fell 8 MiB behind on a "
     "1,000,000-delta turn and was dropped; with the default 64 KiB pipe the broker queued nothing for it on "
@@ -346,8 +349,8 @@ WHY_MISSED = {
         "The fixed reference (241 us) comes from a quieter machine; the target is a ratio within one run, "
         "and in the side-by-side runs JSONL's p50 is at or under the Node broker's: 0.90-1.02x over thirteen "
         "runs on 2026-11-30 (median 0.99x; it was 1.17-1.20x before this work), and 0.81-1.24x over twelve "
-        "later runs on a noisier machine with uvloop as the default loop (median 0.90x; 0.91x in the "
-        "side-by-side run below). Over JSONL a round "
+        "later runs on a noisier machine with uvloop as the default loop (median 0.90x), and 0.89-1.10x over six "
+        "runs of the final version (median 1.00x; 1.10x in the side-by-side run below). Over JSONL a round "
         "trip crosses the "
         "broker with four system calls (the client's "
         "line read, written to the app-server's stdin, the answer read from its stdout, written to the socket), "
@@ -395,19 +398,20 @@ WHY_MISSED = {
 # medians of PEER_RUNS runs, one after the other on one 2-core machine of this kind.
 PEER_RUN_DATE = "2026-11-30"
 PEER_RUNS = 5
-PEER_RUN_LOAD = "1.2-1.6"
+PEER_RUN_LOAD = "0.8-1.6"
 SPREAD_DATE = "2026-11-24"
-PEER_SPREAD = ("JSONL's unary p50 0.82-1.25x the Node broker's (median 0.96x over five runs); one client's JSONL "
-               "stream 81-87 % of direct (median 83 % over seven runs), the Node broker's 47-50 %.")
+PEER_SPREAD = ("JSONL's unary p50 0.89-1.10x the Node broker's (median 1.00x over six runs); one client's JSONL "
+               "stream 79-91 % of direct (median 86 % over ten runs; 6 of 10 at 85 % or more), the Node broker's "
+               "43-52 %.")
 PEER_RUN: list[tuple[str, float | None, float, float, float]] = [
     # figure, direct, node, codex-broker over gRPC, codex-broker over JSONL
-    ("unary p50 (us)", 201, 299, 911, 375),
-    ("unary p99 (us)", 636, 1481, 1929, 1026),
-    ("notifications/s, one 50,000-delta turn", 295_010, 126_971, 180_410, 238_644),
-    ("16 clients x 200: served of 3,200", 3200, 536, 3200, 3200),
-    ("16 clients x 200: successful req/s", 67_917, 3_136, 5_388, 17_216),
-    ("start to ready (s; the harness's own spawn included)", 0.073, 0.210, 0.234, 0.222),
-    ("broker process RSS after the workloads (MiB)", None, 100.4, 48.3, 47.8),
+    ("unary p50 (us)", 193, 361, 913, 398),
+    ("unary p99 (us)", 664, 1836, 1965, 1057),
+    ("notifications/s, one 50,000-delta turn", 269_200, 124_739, 170_743, 227_202),
+    ("16 clients x 200: served of 3,200", 3200, 487, 3200, 3200),
+    ("16 clients x 200: successful req/s", 57_334, 2_628, 4_603, 14_239),
+    ("start to ready (s; the harness's own spawn included)", 0.088, 0.219, 0.268, 0.287),
+    ("broker process RSS after the workloads (MiB)", None, 99.4, 48.2, 48.0),
 ]
 
 

@@ -20,8 +20,9 @@ woken by the client's write on the client's core, waits for the client to block 
 preempting it). So the event loop's thread is under batch only while the app-server streams
 fast: from ENTER_BYTES written within ENTER_WINDOW (~3 MiB/s: a flood of deltas, a command's
 large output; a model's own streaming is far below it, and so are requests and their answers),
-until a WINDOW passes below STAY_RATE (1 MiB/s) (``StreamPacer``). Only that thread switches (a thread's policy is
-its own): it reads the app-server and does all the routing. Its nice value never changes.
+until a WINDOW passes below STAY_RATE, 1 MiB/s (``StreamPacer``). Only that thread switches (a
+thread's policy is its own): it reads the app-server and does all the routing. Its nice value
+never changes.
 
 Only a broker started under the normal policy (SCHED_OTHER) switches: one started under another
 (batch already, idle, real-time: ``chrt``, systemd's CPUSchedulingPolicy=) is left as it is.

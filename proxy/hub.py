@@ -133,6 +133,46 @@ def _uniform(method: str, thread_id: str) -> _Uniform:
     return found
 
 
+def _read_run(body: bytes, method: str, thread_id: str) -> tuple[int, set[str]] | None:
+    """(how many lines, which methods) of a chunk whose first line is a notification ``method``
+    of ``thread_id``, when every line is exactly one notification of that thread and none of
+    them changes what the hub tracks; else None. C passes only, Python per line only where the
+    notes are not all alike (see Hub._stream_chunk)."""
+    uniform = _uniform(method, thread_id)
+    if b"[" not in body and b"]" not in body:
+        # One pass. With no bracket anywhere in the chunk, each line put between brackets of
+        # our own is an array of exactly what that line holds (nothing in it can open or close
+        # one): that it decodes as one note each proves every line exactly one value (not
+        # blank, not split, not two) while the notes are read.
+        bracketed = b"[[" + body.replace(b"\n", b"],[") + b"]]"
+        count = (len(bracketed) - len(body)) // 2 - 1  # each newline became two bytes longer
+        try:
+            if len(uniform.bracketed.decode(bracketed)) == count:
+                return count, {method}
+        except msgspec.MsgspecError:
+            pass  # not all alike, or not exactly a value a line: as below
+    try:
+        values = _VALUE.decode_lines(body)
+        # Each line must be exactly one value. The values put back together with one newline
+        # between them give the chunk, and no value holds a newline of its own (one that runs
+        # over a line's end, whitespace inside it): then each value is its line, no more, no
+        # less (no line split, blank, holding two, padded).
+        count = len(values)
+        if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
+            return None
+        try:
+            uniform.lines.decode_lines(body)
+            return count, {method}
+        except msgspec.ValidationError:  # not all alike: each note read, then checked here
+            notes = _NOTE.decode_lines(body)
+    except msgspec.MsgspecError:
+        return None
+    methods = {note.method for note in notes}
+    if not methods.isdisjoint(_SLOW_NOTIFICATIONS) or {note.params.threadId for note in notes} != {thread_id}:
+        return None
+    return count, methods
+
+
 def _plain_item(method: str, msg: dict[str, Any]) -> bool:
     """An item notification that cannot link a sub-agent (its item is no collab call)."""
     if method not in _ITEM_NOTIFICATIONS:
@@ -765,7 +805,7 @@ class Hub:
         opted out of none of its methods, read in C passes: its first line, for the thread
         and method; its UTF-8 checked at once; its values' extents, which must be its lines
         exactly; then only method, params.threadId and id of each, matched against the first
-        line's as literals (``_uniform``; in one pass where the chunk holds no bracket), or,
+        line's as literals (``_read_run``; in one pass where the chunk holds no bracket), or,
         where they are not all alike, built and compared here. False, with nothing done, for
         any other chunk (a line that is not such a notification, not exactly one JSON value,
         blank; more than one thread; a thread nobody follows; a follower that opted out of
@@ -785,41 +825,10 @@ class Hub:
                 body.decode()
             except UnicodeDecodeError:
                 return False
-        uniform = _uniform(method, thread_id)
-        methods: set[str] | None = None
-        if b"[" not in body and b"]" not in body:
-            # One pass. With no bracket anywhere in the chunk, each line put between brackets
-            # of our own is an array of exactly what that line holds (nothing in it can open or
-            # close one): that it decodes as one note each proves every line exactly one value
-            # (not blank, not split, not two) while the notes are read.
-            bracketed = b"[[" + body.replace(b"\n", b"],[") + b"]]"
-            count = (len(bracketed) - len(body)) // 2 - 1  # each newline became two bytes longer
-            try:
-                if len(uniform.bracketed.decode(bracketed)) == count:
-                    methods = {method}
-            except msgspec.MsgspecError:
-                pass  # not all alike, or not exactly a value a line: as below
-        if methods is None:
-            try:
-                values = _VALUE.decode_lines(body)
-                # Each line must be exactly one value. The values put back together with one
-                # newline between them give the chunk, and no value holds a newline of its own
-                # (one that runs over a line's end, whitespace inside it): then each value is
-                # its line, no more, no less (no line split, blank, holding two, padded).
-                count = len(values)
-                if b"\n".join(values) != body or len(body) - len(body.replace(b"\n", b"")) != count - 1:
-                    return False
-                try:
-                    uniform.lines.decode_lines(body)
-                    methods = {method}
-                except msgspec.ValidationError:  # not all alike: each note read, then checked here
-                    notes = _NOTE.decode_lines(body)
-                    methods = {note.method for note in notes}
-                    if not methods.isdisjoint(_SLOW_NOTIFICATIONS) or {note.params.threadId for note in notes} != {
-                            thread_id}:
-                        return False
-            except msgspec.MsgspecError:
-                return False
+        run = _read_run(body, method, thread_id)
+        if run is None:
+            return False
+        count, methods = run
         receivers = []
         for session in subscribers:
             opt_out = session.opt_out
